@@ -1,0 +1,506 @@
+"""RabbitMQ topology, the consume loop, acks, dead-lettering and reconnects.
+
+When a delivery is acked: only once its outcome is final. A handled event is acked after its
+handler returned and, with de-duplication on, after its id was recorded in etcd; a bad body
+after its dead-letter copy was confirmed by the broker; a skipped or unknown-type event at
+once. A delivery whose id another replica is still handling is held, unacked, and asked about
+again after a delay. Nothing is acked on a channel other than the one that delivered it: after
+a reconnect the broker has already requeued everything the old channel held.
+
+Deliveries are settled in batches: whatever is waiting when the loop wakes, up to the prefetch
+window, shares one etcd transaction per step and one ``multiple=True`` ack. A lone event is
+not delayed: a batch closes as soon as no further delivery is waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import Basic, BasicProperties
+
+from svc.backoff import Backoff
+from svc.dedup import Verdict
+from svc.errors import StoreUnavailable, TopologyError, TransientError
+from svc.events import Event, InvalidEvent, decode
+from svc.handlers import HANDLERS, Handler
+
+if TYPE_CHECKING:
+    from svc.config import Settings
+    from svc.dedup import DedupStore
+    from svc.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXCHANGE = "events"
+BINDING_KEY = "#"
+REASON_HEADER = "x-reason"
+# How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
+IDLE_WAIT_SECONDS = 0.5
+HOLD_RETRY_SECONDS = 1.0
+# Broker errors after which reconnecting can help.
+CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+)
+
+
+@dataclass(slots=True)
+class Delivery:
+    tag: int
+    body: bytes
+    properties: BasicProperties
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    event: Event | None = None
+    outcome: str = ""
+
+
+@dataclass(slots=True)
+class HeldDelivery:
+    delivery: Delivery
+    retry_at: float
+    waits: int = 0
+
+
+@dataclass
+class Batch:
+    """The deliveries settled together, sorted into what happens to each."""
+
+    settled: list[Delivery] = field(default_factory=list)
+    to_handle: list[Delivery] = field(default_factory=list)
+    held: list[Delivery] = field(default_factory=list)
+
+
+class Consumer:
+    """Consumes ``<name>-queue`` until :meth:`request_stop`, reconnecting whenever it is lost."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: DedupStore,
+        metrics: Metrics,
+        handlers: Mapping[str, Handler] = HANDLERS,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.handlers = handlers
+        self._dedup_on = settings.enable_etcd
+        self._stopping = False
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._dlq_channel: BlockingChannel | None = None
+        self._consumer_tag: str | None = None
+        self._inbox: list[Delivery] = []
+        self._held: list[HeldDelivery] = []
+        self._unacked: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the batch in hand; safe to call from a signal handler."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self) -> None:
+        """Connect, consume, and reconnect with backoff until asked to stop.
+
+        Raises TopologyError when the broker refuses our declarations: retrying cannot help.
+        """
+        backoff = Backoff()
+        while not self._stopping:
+            try:
+                self._connect()
+                backoff.reset()
+                self._consume()
+            except (*CONNECTION_ERRORS, TransientError) as exc:
+                self._forget_connection()
+                if self._stopping:
+                    break
+                delay = backoff.next_delay()
+                log.warning(
+                    "broker connection lost (%s); reconnecting in %.1f s", _brief(exc), delay
+                )
+                self.metrics.count("reconnects")
+                self.metrics.flush()
+                self.sleep(delay)
+            except Exception:
+                # A bug must not kill the daemon: start over on a fresh connection, whose
+                # broker requeues what the old one held, after a growing pause.
+                self._forget_connection()
+                delay = backoff.next_delay()
+                log.exception("unexpected error; reconnecting in %.1f s", delay)
+                self.sleep(delay)
+        self._close()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, keeping AMQP heartbeats answered when connected, and waking early on stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.sleep(min(left, IDLE_WAIT_SECONDS))
+            else:
+                time.sleep(min(left, IDLE_WAIT_SECONDS))
+
+    def _connect(self) -> None:
+        params = [pika.URLParameters(url) for url in self.settings.rabbit_urls]
+        log.info("connecting to RabbitMQ (%d URL(s))", len(params))
+        self._connection = BlockingConnection(params)
+        self._channel = self._connection.channel()
+        self._declare_topology(self._channel)
+        self._dlq_channel = self._connection.channel()
+        self._dlq_channel.confirm_delivery()
+        self._channel.basic_qos(prefetch_count=self.settings.prefetch)
+        self._consumer_tag = self._channel.basic_consume(self.settings.queue, self.on_message)
+        log.info(
+            "consuming from %s (prefetch %d, de-duplication %s)",
+            self.settings.queue,
+            self.settings.prefetch,
+            "on" if self._dedup_on else "off",
+        )
+
+    def _declare_topology(self, channel: BlockingChannel) -> None:
+        """Declare exchange, queue, binding and dead-letter queue, exactly as the Go demo does."""
+        queue, dlq = self.settings.queue, self.settings.dead_letter_queue
+        steps: list[tuple[str, Callable[[], object]]] = [
+            (
+                f"exchange {EXCHANGE!r}",
+                lambda: channel.exchange_declare(EXCHANGE, "topic", durable=True),
+            ),
+            (f"queue {queue!r}", lambda: channel.queue_declare(queue, durable=True)),
+            (f"queue {dlq!r}", lambda: channel.queue_declare(dlq, durable=True)),
+        ]
+        for what, declare in steps:
+            try:
+                declare()
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:  # PRECONDITION_FAILED: exists with other arguments
+                    raise
+                raise TopologyError(
+                    f"RabbitMQ refused to declare {what}: {exc.reply_text}. It exists with "
+                    "other properties; delete it (rabbitmqctl delete_queue / the management "
+                    "UI) or declare it durable with no extra arguments, then start again."
+                ) from None
+        channel.queue_bind(queue, EXCHANGE, routing_key=BINDING_KEY)
+
+    def _forget_connection(self) -> None:
+        # Tags of the lost channel mean nothing on the next one; the broker requeued them.
+        self._inbox.clear()
+        self._held.clear()
+        self._unacked.clear()
+        connection, self._connection = self._connection, None
+        self._channel = self._dlq_channel = None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except CONNECTION_ERRORS:
+                pass
+
+    def _close(self) -> None:
+        """Cancel the consumer, return what we hold to the queue, close the connection."""
+        if self._connection is None or not self._connection.is_open:
+            self._forget_connection()
+            return
+        try:
+            if self._channel is not None and self._consumer_tag is not None:
+                # Deliveries not yet dispatched to us are returned to the queue by the cancel.
+                self._channel.basic_cancel(self._consumer_tag)
+            for tag in sorted(self._unacked):
+                self._channel.basic_nack(tag, requeue=True)  # type: ignore[union-attr]
+            self._unacked.clear()
+            self._connection.close()
+        except CONNECTION_ERRORS as exc:
+            log.warning("broker connection lost while closing (%s)", _brief(exc))
+        self._forget_connection()
+
+    # -- the consume loop -----------------------------------------------------------------
+
+    def on_message(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        """Called by pika for each delivery; only collects it, the loop settles it."""
+        self._unacked.add(method.delivery_tag)
+        self._inbox.append(
+            Delivery(
+                tag=method.delivery_tag,
+                body=body,
+                properties=properties,
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                redelivered=method.redelivered,
+            )
+        )
+
+    def _consume(self) -> None:
+        assert self._connection is not None
+        while not self._stopping:
+            self._connection.process_data_events(time_limit=0 if self._inbox else IDLE_WAIT_SECONDS)
+            if self._inbox:
+                self._gather()
+                batch, self._inbox = self._inbox, []
+                self._settle(batch)
+            self._retry_held()
+
+    def _gather(self) -> None:
+        """Take in deliveries already waiting, until the window is full or none are left."""
+        assert self._connection is not None
+        while len(self._inbox) < self.settings.prefetch:
+            before = len(self._inbox)
+            self._connection.process_data_events(time_limit=0)
+            if len(self._inbox) == before:
+                return
+
+    def _settle(self, deliveries: list[Delivery]) -> None:
+        """Decode, de-duplicate, handle, record and ack one batch."""
+        batch = Batch()
+        for delivery in deliveries:
+            self._route(delivery, batch)
+        self._dedup(batch.to_handle, batch)
+        self._handle(batch)
+        for delivery in batch.held:
+            self._held.append(HeldDelivery(delivery, time.monotonic() + HOLD_RETRY_SECONDS))
+        self._ack([d.tag for d in batch.settled])
+        for delivery in sorted(batch.settled, key=lambda d: d.tag):
+            self._log_outcome(delivery)
+        self.metrics.flush()
+
+    def _route(self, delivery: Delivery, batch: Batch) -> None:
+        """Decode one delivery and sort it: dead-letter, unknown type, or to be handled."""
+        if delivery.redelivered:
+            self.metrics.count("redelivered")
+        try:
+            event = decode(delivery.body)
+        except InvalidEvent as exc:
+            self._dead_letter(delivery, exc.code, exc.detail)
+            self.metrics.count("invalid")
+            delivery.outcome = f"dead-lettered ({exc.code})"
+            batch.settled.append(delivery)
+            return
+        delivery.event = event
+        if self.settings.log_events:
+            log.info(
+                "received id=%s type=%s tag=%d", _safe(event.id), _safe(event.type), delivery.tag
+            )
+        if event.type not in self.handlers:
+            self.metrics.count("unknown_type")
+            delivery.outcome = "ignored (unknown type)"
+            batch.settled.append(delivery)
+            return
+        batch.to_handle.append(delivery)
+
+    def _dedup(self, candidates: list[Delivery], batch: Batch) -> None:
+        """Replace ``batch.to_handle`` by the deliveries this process won the right to handle."""
+        batch.to_handle = []
+        if not self._dedup_on:
+            batch.to_handle = candidates
+            return
+        # The first delivery of an id in this batch is its primary; later copies follow its fate.
+        primaries: dict[str, Delivery] = {}
+        followers: list[Delivery] = []
+        for delivery in candidates:
+            event_id = delivery.event.id  # type: ignore[union-attr]
+            if self.store.is_known(event_id):
+                self._skip(delivery, batch)
+            elif event_id in primaries:
+                followers.append(delivery)
+            else:
+                primaries[event_id] = delivery
+        verdicts = self._retry_store(lambda: self.store.claim(list(primaries)))
+        for event_id, delivery in primaries.items():
+            verdict = verdicts[event_id]
+            if verdict is Verdict.NEW:
+                batch.to_handle.append(delivery)
+            elif verdict is Verdict.DONE:
+                self._skip(delivery, batch)
+            else:
+                batch.held.append(delivery)
+        busy = {d.event.id for d in batch.held}  # type: ignore[union-attr]
+        for delivery in followers:
+            if delivery.event.id in busy:  # type: ignore[union-attr]
+                batch.held.append(delivery)
+            else:
+                self._skip(delivery, batch)
+
+    def _handle(self, batch: Batch) -> None:
+        """Run each handler, record the ids that succeeded, then mark their deliveries settled."""
+        succeeded: list[Delivery] = []
+        failed: list[tuple[Delivery, BaseException]] = []
+        for delivery in batch.to_handle:
+            event = delivery.event
+            assert event is not None
+            try:
+                self.handlers[event.type](event)
+            except Exception as exc:  # any handler bug must not stop the daemon
+                log.exception("handler for %s id=%s failed", event.type, _safe(event.id))
+                failed.append((delivery, exc))
+            else:
+                succeeded.append(delivery)
+        # The record must be durable before any ack: otherwise a crash forgets a handled id.
+        if self._dedup_on and succeeded:
+            ids = list(dict.fromkeys(d.event.id for d in succeeded))  # type: ignore[union-attr]
+            self._retry_store(lambda: self.store.record(ids))
+        for delivery in succeeded:
+            self.metrics.count(f"{delivery.event.type}_ok")  # type: ignore[union-attr]
+            delivery.outcome = "ok"
+        batch.settled.extend(succeeded)
+        for delivery, error in failed:
+            self._dead_letter(delivery, "handler-failed", _brief(error))
+            self.metrics.count("dead_lettered")
+            delivery.outcome = "dead-lettered (handler failed)"
+            batch.settled.append(delivery)
+        if self._dedup_on and failed:
+            # Release the claims so that a republished copy is not held until the TTL runs out.
+            failed_ids = [d.event.id for d, _ in failed]  # type: ignore[union-attr]
+            self._retry_store(lambda: self.store.release(failed_ids))
+
+    def _skip(self, delivery: Delivery, batch: Batch) -> None:
+        self.metrics.count(f"{delivery.event.type}_skipped")  # type: ignore[union-attr]
+        delivery.outcome = "skipped"
+        batch.settled.append(delivery)
+
+    def _retry_held(self) -> None:
+        """Ask again about ids another replica was handling; settle those it finished."""
+        now = time.monotonic()
+        due = [h for h in self._held if h.retry_at <= now]
+        if not due:
+            return
+        self._held = [h for h in self._held if h.retry_at > now]
+        batch = Batch()
+        self._dedup([h.delivery for h in due], batch)
+        self._handle(batch)
+        waits = {id(h.delivery): h.waits for h in due}
+        for delivery in batch.held:
+            n = waits[id(delivery)] + 1
+            # Wait longer each time, up to the claim TTL: a dead holder's claim expires by then.
+            delay = min(HOLD_RETRY_SECONDS * 2**n, float(self.settings.claim_ttl_seconds))
+            self._held.append(HeldDelivery(delivery, time.monotonic() + delay, n))
+        self._ack([d.tag for d in batch.settled])
+        for delivery in sorted(batch.settled, key=lambda d: d.tag):
+            self._log_outcome(delivery)
+        self.metrics.flush()
+
+    def _retry_store(self, call: Callable[[], T]) -> T:
+        """Run an etcd step until it answers, keeping the AMQP connection serviced meanwhile."""
+        backoff = Backoff(first_seconds=0.2, cap_seconds=5.0)
+        while True:
+            try:
+                result = call()
+            except StoreUnavailable as exc:
+                if self._stopping and backoff.attempt >= 3:
+                    # Leave the batch unacked: the broker requeues it when we close.
+                    raise
+                delay = backoff.next_delay()
+                log.warning("%s; consumption paused, retrying in %.1f s", exc, delay)
+                self.metrics.count("dedup_errors")
+                self.metrics.flush()
+                self.sleep_serviced(delay)
+                continue
+            if backoff.attempt:
+                log.info("etcd answers again; consumption resumes")
+            return result
+
+    def sleep_serviced(self, seconds: float) -> None:
+        """Wait while keeping the connection alive, even when a stop was requested."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.sleep(min(left, IDLE_WAIT_SECONDS))
+            else:
+                time.sleep(min(left, IDLE_WAIT_SECONDS))
+
+    # -- acks and dead letters --------------------------------------------------------------
+
+    def _ack(self, tags: list[int]) -> None:
+        """Ack settled tags, with one ``multiple=True`` ack for the longest settled prefix."""
+        if not tags:
+            return
+        assert self._channel is not None
+        settled = set(tags)
+        outstanding = sorted(self._unacked)
+        prefix_end = None
+        for tag in outstanding:
+            if tag not in settled:
+                break
+            prefix_end = tag
+        if prefix_end is not None:
+            self._channel.basic_ack(prefix_end, multiple=True)
+        for tag in sorted(settled):
+            if prefix_end is None or tag > prefix_end:
+                self._channel.basic_ack(tag)
+        self._unacked -= settled
+        if prefix_end is not None:
+            self._unacked = {t for t in self._unacked if t > prefix_end}
+
+    def _dead_letter(self, delivery: Delivery, code: str, detail: str) -> None:
+        """Copy a delivery to ``<name>-dlq`` with its reason, waiting for the broker's confirm.
+
+        Raises the broker's error if the copy is not confirmed; the caller must then not ack.
+        """
+        assert self._dlq_channel is not None
+        original = delivery.properties
+        headers = dict(original.headers or {})
+        headers[REASON_HEADER] = f"{code}: {detail}"
+        headers["x-original-exchange"] = delivery.exchange
+        headers["x-original-routing-key"] = delivery.routing_key
+        properties = BasicProperties(
+            content_type=original.content_type,
+            content_encoding=original.content_encoding,
+            message_id=original.message_id,
+            correlation_id=original.correlation_id,
+            timestamp=original.timestamp,
+            app_id=original.app_id,
+            headers=headers,
+            delivery_mode=pika.DeliveryMode.Persistent,
+        )
+        try:
+            self._dlq_channel.basic_publish(
+                "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
+            )
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            raise TransientError(
+                f"the broker did not confirm the dead-letter copy of tag {delivery.tag}"
+            ) from exc
+        log.warning(
+            "dead-lettered tag=%d to %s: %s: %s",
+            delivery.tag,
+            self.settings.dead_letter_queue,
+            code,
+            detail,
+        )
+
+    def _log_outcome(self, delivery: Delivery) -> None:
+        if not self.settings.log_events:
+            return
+        event = delivery.event
+        if event is None or delivery.outcome.startswith("dead-lettered"):
+            return  # already logged at WARNING by _dead_letter
+        log.info("%s id=%s %s", _safe(event.type), _safe(event.id), delivery.outcome)
+
+
+def _safe(text: str, limit: int = 80) -> str:
+    """Text fit for one log line: printable as is, else its repr; never longer than ``limit``."""
+    shown = text if text.isprintable() and " " not in text else repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

@@ -1,0 +1,298 @@
+"""The seen-id store: which event ids were handled already, shared by every replica via etcd.
+
+Key layout, shared with the Go demo: ``/service/<name>/<id>``. The value ``true`` means the id
+was handled and recorded. While one replica handles an id, the key holds that replica's claim
+token under an etcd lease the replica keeps alive; when the replica dies, the lease expires,
+the claim vanishes and the redelivered event is handled by whoever gets it next.
+
+What a crash can cost: a replica killed after its handler ran but before :meth:`record`
+returned leaves a claim that expires, so that event is handled a second time. Every other
+crash point costs nothing: an unrecorded event is never acked, and a recorded one is skipped.
+
+All calls are batched: one transaction claims up to ``MAX_TXN_OPS`` ids, one records them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import grpc
+import pyetcd
+from pyetcd.exceptions import Etcd3Exception
+
+from svc.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from svc.config import Settings
+
+log = logging.getLogger(__name__)
+
+DONE_VALUE = b"true"
+# Note: etcd refuses a transaction with more than 128 compares or operations (--max-txn-ops).
+MAX_TXN_OPS = 128
+WARM_UP_PAGE_KEYS = 10_000
+# Note: a warm-up page of 10,000 keys of up to 256 characters nears gRPC's default 4 MiB cap.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# How soon a failed endpoint is tried again; pyetcd's own default is five minutes.
+ENDPOINT_RETRY_SECONDS = 1.0
+
+T = TypeVar("T")
+
+
+class Verdict(enum.Enum):
+    """The outcome of claiming one id."""
+
+    NEW = "new"  #: claimed by this process: handle it, then record it
+    DONE = "done"  #: handled before (here or elsewhere): skip it
+    BUSY = "busy"  #: claimed by another live replica: hold the delivery and ask again later
+
+
+class DedupStore(Protocol):
+    def warm_up(self) -> int: ...
+    def is_known(self, event_id: str) -> bool: ...
+    def claim(self, event_ids: Sequence[str]) -> dict[str, Verdict]: ...
+    def record(self, event_ids: Sequence[str]) -> None: ...
+    def release(self, event_ids: Sequence[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+class DisabledStore:
+    """De-duplication off (the demo's default): every event is new, nothing is remembered."""
+
+    def warm_up(self) -> int:
+        return 0
+
+    def is_known(self, event_id: str) -> bool:
+        return False
+
+    def claim(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
+        return dict.fromkeys(event_ids, Verdict.NEW)
+
+    def record(self, event_ids: Sequence[str]) -> None:
+        pass
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class EtcdStore:
+    """An in-memory set of finished ids, backed by claims and records in etcd.
+
+    Every etcd call has the client's timeout; any failure to get an answer raises
+    :class:`StoreUnavailable`, after which the caller must not ack the deliveries concerned.
+    """
+
+    def __init__(self, client: pyetcd.MultiEndpointEtcd3Client, service: str, claim_ttl: int):
+        self._client = client
+        self._prefix = f"/service/{service}/"
+        self._claim_ttl = claim_ttl
+        self._token = f"claimed-by:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._seen: set[str] = set()
+        self._lease: pyetcd.Lease | None = None
+        self._lease_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._keeper = threading.Thread(target=self._keep_lease_alive, daemon=True)
+        self._keeper.start()
+
+    def key(self, event_id: str) -> str:
+        # etcd keys are opaque bytes: "../x" stays a literal suffix under the prefix.
+        return self._prefix + event_id
+
+    def is_known(self, event_id: str) -> bool:
+        return event_id in self._seen
+
+    def warm_up(self) -> int:
+        """Load every finished id under the prefix into memory, one page at a time."""
+        started = time.monotonic()
+        start = self._prefix.encode()
+        end = pyetcd.utils.prefix_range_end(start)
+        revision = None
+        while True:
+            response = self._call(
+                "warm-up read",
+                self._client.get_range_response,
+                start,
+                end,
+                limit=WARM_UP_PAGE_KEYS,
+                revision=revision,
+            )
+            # Read every page at the first page's revision, so the pages form one snapshot.
+            revision = revision or response.header.revision
+            skip = len(self._prefix.encode())
+            for kv in response.kvs:
+                if _is_finished(kv.value, kv.lease):
+                    self._seen.add(kv.key[skip:].decode("utf-8", "surrogateescape"))
+            if not response.more or not response.kvs:
+                break
+            start = response.kvs[-1].key + b"\0"
+        log.info(
+            "warmed up %d ids from etcd in %.2f s", len(self._seen), time.monotonic() - started
+        )
+        return len(self._seen)
+
+    def claim(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
+        """Claim each id for this process, in as few transactions as etcd allows."""
+        verdicts: dict[str, Verdict] = {}
+        for chunk in _chunks(event_ids, MAX_TXN_OPS):
+            verdicts.update(self._claim_chunk(chunk))
+        for event_id, verdict in verdicts.items():
+            if verdict is Verdict.DONE:
+                self._seen.add(event_id)
+        return verdicts
+
+    def _claim_chunk(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
+        txn = self._client.transactions
+        verdicts: dict[str, Verdict] = {}
+        remaining = list(event_ids)
+        while remaining:
+            lease = self._current_lease()
+            keys = [self.key(i) for i in remaining]
+            won, responses = self._call(
+                "claim",
+                self._client.transaction,
+                # version == 0: the key does not exist, so nobody claimed or finished the id.
+                compare=[txn.version(k) == 0 for k in keys],
+                success=[txn.put(k, self._token, lease=lease) for k in keys],
+                # On failure, read every key back: one round trip tells which ids exist.
+                failure=[txn.get(k) for k in keys],
+            )
+            if won:
+                verdicts.update(dict.fromkeys(remaining, Verdict.NEW))
+                break
+            absent = []
+            for event_id, found in zip(remaining, responses, strict=True):
+                if not found:
+                    absent.append(event_id)  # gone since the compare, or never there: try again
+                    continue
+                value, meta = found[0]
+                if value == self._token.encode():
+                    verdicts[event_id] = Verdict.NEW  # ours, from before a reconnect
+                elif _is_finished(value, meta.lease_id):
+                    verdicts[event_id] = Verdict.DONE
+                else:
+                    verdicts[event_id] = Verdict.BUSY
+            remaining = absent
+        return verdicts
+
+    def record(self, event_ids: Sequence[str]) -> None:
+        """Mark ids as finished: value ``true`` with no lease, so the record outlives us."""
+        txn = self._client.transactions
+        for chunk in _chunks(event_ids, MAX_TXN_OPS):
+            puts = [txn.put(self.key(i), DONE_VALUE) for i in chunk]
+            self._call("record", self._client.transaction, compare=[], success=puts, failure=[])
+        self._seen.update(event_ids)
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        """Drop this process's claims on ids it gave up on, so no one waits for them."""
+        txn = self._client.transactions
+        for event_id in event_ids:
+            key = self.key(event_id)
+            self._call(
+                "release",
+                self._client.transaction,
+                # Delete only our own claim, never a record or another replica's claim.
+                compare=[txn.value(key) == self._token],
+                success=[txn.delete(key)],
+                failure=[],
+            )
+
+    def close(self) -> None:
+        self._closing.set()
+        self._keeper.join(timeout=2)
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                # Our claims vanish at once instead of after the TTL: the next holder need not wait.
+                self._client.revoke_lease(lease.id)
+            except (Etcd3Exception, grpc.RpcError):
+                pass
+        self._client.close()
+
+    def _current_lease(self) -> int:
+        with self._lease_lock:
+            if self._lease is None:
+                self._lease = self._call("lease grant", self._client.lease, self._claim_ttl)
+            return self._lease.id
+
+    def _keep_lease_alive(self) -> None:
+        """Refresh the claim lease three times per TTL; forget it if etcd says it expired."""
+        interval = self._claim_ttl / 3
+        while not self._closing.wait(interval):
+            with self._lease_lock:
+                lease = self._lease
+            if lease is None:
+                continue
+            try:
+                replies = list(self._client.refresh_lease(lease.id))
+            except (Etcd3Exception, grpc.RpcError) as exc:
+                log.warning("could not refresh the claim lease: %s", exc)
+                continue
+            if not replies or replies[0].TTL <= 0:
+                log.warning(
+                    "claim lease %x expired; a new one is taken at the next claim", lease.id
+                )
+                with self._lease_lock:
+                    if self._lease is lease:
+                        self._lease = None
+
+    def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return call(*args, **kwargs)
+        except (Etcd3Exception, grpc.RpcError) as exc:
+            raise StoreUnavailable(f"etcd {what} failed: {_describe(exc)}") from exc
+
+
+def open_store(settings: Settings) -> DedupStore:
+    """The store the settings ask for: etcd-backed, or disabled."""
+    if not settings.enable_etcd:
+        return DisabledStore()
+    endpoints = [
+        pyetcd.Endpoint(
+            host,
+            port,
+            secure=False,
+            time_retry=ENDPOINT_RETRY_SECONDS,
+            opts=[
+                ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+                # gRPC's reconnect backoff grows to two minutes by default; etcd restarts faster.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        for host, port in settings.etcd_endpoints
+    ]
+    client = pyetcd.MultiEndpointEtcd3Client(
+        endpoints=endpoints, timeout=settings.etcd_timeout_seconds, failover=True
+    )
+    return EtcdStore(client, settings.service_name, settings.claim_ttl_seconds)
+
+
+def _is_finished(value: bytes, lease_id: int) -> bool:
+    # A key without a lease is a record whatever its value (e.g. written by hand or another tool).
+    return value == DONE_VALUE or lease_id == 0
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["DedupStore", "DisabledStore", "EtcdStore", "Verdict", "open_store"]
