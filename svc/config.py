@@ -31,6 +31,12 @@ LOG_LEVEL = "LOG_LEVEL"
 LOG_EVENTS = "LOG_EVENTS"
 ETCD_TIMEOUT = "ETCD_TIMEOUT"
 DEDUP_CLAIM_TTL = "DEDUP_CLAIM_TTL"
+DEDUP_TTL = "DEDUP_TTL"
+MAX_ATTEMPTS = "MAX_ATTEMPTS"
+SUMMARY_INTERVAL = "SUMMARY_INTERVAL"
+# Test-only: never set these in production (see the README's "Testing the crash windows").
+TEST_CRASH_AT = "TEST_CRASH_AT"
+TEST_HANDLED_LOG = "TEST_HANDLED_LOG"
 
 DEFAULTS: dict[str, str] = {
     ENABLE_ETCD: "false",
@@ -43,6 +49,11 @@ DEFAULTS: dict[str, str] = {
     LOG_EVENTS: "true",
     ETCD_TIMEOUT: "5",
     DEDUP_CLAIM_TTL: "30",
+    DEDUP_TTL: "forever",
+    MAX_ATTEMPTS: "5",
+    SUMMARY_INTERVAL: "60",
+    TEST_CRASH_AT: "off",
+    TEST_HANDLED_LOG: "",
 }
 
 _SERVICE_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
@@ -50,8 +61,11 @@ _DECIMAL_RE = re.compile(r"[0-9]{1,9}")
 _YES = frozenset({"true", "1", "yes", "on"})
 _NO = frozenset({"false", "0", "no", "off"})
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The points where TEST_CRASH_AT makes the process SIGKILL itself, in the order reached.
+CRASH_POINTS = ("after-delivery", "after-claim", "after-handle", "after-record")
 # Note: AMQP's basic.qos carries prefetch-count as a 16-bit field.
 _MAX_PREFETCH = 65535
+_MAX_DEDUP_TTL_SECONDS = 366 * 86400
 
 T = TypeVar("T")
 
@@ -71,6 +85,11 @@ class Settings:
     log_events: bool = True
     etcd_timeout_seconds: float = 5.0
     claim_ttl_seconds: int = 30
+    dedup_ttl_seconds: int | None = None
+    max_attempts: int = 5
+    summary_interval_seconds: float = 60.0
+    crash_at: str | None = None
+    handled_log: str | None = None
 
     @property
     def queue(self) -> str:
@@ -88,7 +107,10 @@ class Settings:
             f"rabbit_url={','.join(redact_url(u) for u in self.rabbit_urls)} "
             f"etcd_endpoints={endpoints} etcd_timeout={self.etcd_timeout_seconds:g}s "
             f"claim_ttl={self.claim_ttl_seconds}s statsd={self.statsd_host}:{self.statsd_port} "
-            f"prefetch={self.prefetch} log_level={self.log_level} log_events={self.log_events}"
+            f"prefetch={self.prefetch} log_level={self.log_level} log_events={self.log_events} "
+            f"dedup_ttl={self.dedup_ttl_seconds or 'forever'} max_attempts={self.max_attempts}"
+            + (f" TEST_CRASH_AT={self.crash_at}" if self.crash_at else "")
+            + (f" TEST_HANDLED_LOG={self.handled_log}" if self.handled_log else "")
         )
 
 
@@ -121,6 +143,11 @@ def load_settings(
         log_events=read(env, LOG_EVENTS, parse_flag),
         etcd_timeout_seconds=read(env, ETCD_TIMEOUT, parse_seconds),
         claim_ttl_seconds=read(env, DEDUP_CLAIM_TTL, parse_whole_seconds),
+        dedup_ttl_seconds=read(env, DEDUP_TTL, parse_optional_ttl),
+        max_attempts=read(env, MAX_ATTEMPTS, parse_attempts),
+        summary_interval_seconds=read(env, SUMMARY_INTERVAL, parse_seconds),
+        crash_at=read(env, TEST_CRASH_AT, parse_crash_point),
+        handled_log=read(env, TEST_HANDLED_LOG, lambda raw: raw or None),
     )
 
 
@@ -236,6 +263,30 @@ def parse_whole_seconds(raw: str) -> int:
     if not _is_decimal(raw) or not 1 <= int(raw) <= 86400:
         raise ValueError("a whole number of seconds between 1 and 86400")
     return int(raw)
+
+
+def parse_optional_ttl(raw: str) -> int | None:
+    if raw.lower() == "forever":
+        return None
+    if not _is_decimal(raw) or not 1 <= int(raw) <= _MAX_DEDUP_TTL_SECONDS:
+        raise ValueError(
+            f"'forever' or a whole number of seconds from 1 to {_MAX_DEDUP_TTL_SECONDS}"
+        )
+    return int(raw)
+
+
+def parse_attempts(raw: str) -> int:
+    if not _is_decimal(raw) or not 1 <= int(raw) <= 100:
+        raise ValueError("a whole number of attempts between 1 and 100")
+    return int(raw)
+
+
+def parse_crash_point(raw: str) -> str | None:
+    if raw.lower() == "off":
+        return None
+    if raw not in CRASH_POINTS:
+        raise ValueError("'off' or one of " + ", ".join(CRASH_POINTS))
+    return raw
 
 
 def level_number(name: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,7 +30,8 @@ from svc.backoff import Backoff
 from svc.dedup import Verdict
 from svc.errors import StoreUnavailable, TopologyError, TransientError
 from svc.events import Event, InvalidEvent, decode
-from svc.handlers import HANDLERS, Handler
+from svc.faults import CrashPoint, HandledLog
+from svc.handlers import HANDLERS, Handler, run_handlers
 
 if TYPE_CHECKING:
     from svc.config import Settings
@@ -64,13 +66,13 @@ class Delivery:
     redelivered: bool
     event: Event | None = None
     outcome: str = ""
+    waits: int = 0  #: how often it was held because another replica had claimed its id
 
 
 @dataclass(slots=True)
 class HeldDelivery:
     delivery: Delivery
     retry_at: float
-    waits: int = 0
 
 
 @dataclass
@@ -105,6 +107,10 @@ class Consumer:
         self._inbox: list[Delivery] = []
         self._held: list[HeldDelivery] = []
         self._unacked: set[int] = set()
+        self._next_summary = time.monotonic() + settings.summary_interval_seconds
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
+        self.crash = CrashPoint(settings.crash_at)
+        self.handled_log = HandledLog(settings.service_name, settings.handled_log)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Consumer:
                 log.exception("unexpected error; reconnecting in %.1f s", delay)
                 self.sleep(delay)
         self._close()
+        self._worker.shutdown(wait=True)
+        self.handled_log.close()
 
     def sleep(self, seconds: float) -> None:
         """Wait, keeping AMQP heartbeats answered when connected, and waking early on stop."""
@@ -258,6 +266,7 @@ class Consumer:
                 batch, self._inbox = self._inbox, []
                 self._settle(batch)
             self._retry_held()
+            self._summarise()
 
     def _gather(self) -> None:
         """Take in deliveries already waiting, until the window is full or none are left."""
@@ -273,10 +282,19 @@ class Consumer:
         batch = Batch()
         for delivery in deliveries:
             self._route(delivery, batch)
-        self._dedup(batch.to_handle, batch)
+        self.crash.reached("after-delivery")
+        self._complete(batch)
+
+    def _complete(self, batch: Batch) -> None:
+        """Settle the batch's routed deliveries: claim, handle, record, ack, count."""
+        self._dedup(batch)
         self._handle(batch)
         for delivery in batch.held:
-            self._held.append(HeldDelivery(delivery, time.monotonic() + HOLD_RETRY_SECONDS))
+            # Wait longer each time, up to the claim TTL: a dead holder's claim expires by then.
+            delay = min(HOLD_RETRY_SECONDS * 2**delivery.waits, self.settings.claim_ttl_seconds)
+            delivery.waits += 1
+            self._held.append(HeldDelivery(delivery, time.monotonic() + delay))
+        self.crash.reached("after-record")
         self._ack([d.tag for d in batch.settled])
         for delivery in sorted(batch.settled, key=lambda d: d.tag):
             self._log_outcome(delivery)
@@ -306,24 +324,26 @@ class Consumer:
             return
         batch.to_handle.append(delivery)
 
-    def _dedup(self, candidates: list[Delivery], batch: Batch) -> None:
-        """Replace ``batch.to_handle`` by the deliveries this process won the right to handle."""
-        batch.to_handle = []
+    def _dedup(self, batch: Batch) -> None:
+        """Keep in ``batch.to_handle`` only the deliveries this process won the right to handle."""
         if not self._dedup_on:
-            batch.to_handle = candidates
             return
+        candidates, batch.to_handle = batch.to_handle, []
         # The first delivery of an id in this batch is its primary; later copies follow its fate.
         primaries: dict[str, Delivery] = {}
         followers: list[Delivery] = []
         for delivery in candidates:
-            event_id = delivery.event.id  # type: ignore[union-attr]
+            event_id = _event(delivery).id
             if self.store.is_known(event_id):
                 self._skip(delivery, batch)
             elif event_id in primaries:
                 followers.append(delivery)
             else:
                 primaries[event_id] = delivery
+        if not primaries:
+            return
         verdicts = self._retry_store(lambda: self.store.claim(list(primaries)))
+        self.crash.reached("after-claim")
         for event_id, delivery in primaries.items():
             verdict = verdicts[event_id]
             if verdict is Verdict.NEW:
@@ -332,70 +352,85 @@ class Consumer:
                 self._skip(delivery, batch)
             else:
                 batch.held.append(delivery)
-        busy = {d.event.id for d in batch.held}  # type: ignore[union-attr]
+        busy = {_event(d).id for d in batch.held}
         for delivery in followers:
-            if delivery.event.id in busy:  # type: ignore[union-attr]
+            if _event(delivery).id in busy:
                 batch.held.append(delivery)
             else:
                 self._skip(delivery, batch)
 
     def _handle(self, batch: Batch) -> None:
-        """Run each handler, record the ids that succeeded, then mark their deliveries settled."""
-        succeeded: list[Delivery] = []
-        failed: list[tuple[Delivery, BaseException]] = []
-        for delivery in batch.to_handle:
-            event = delivery.event
-            assert event is not None
-            try:
-                self.handlers[event.type](event)
-            except Exception as exc:  # any handler bug must not stop the daemon
-                log.exception("handler for %s id=%s failed", event.type, _safe(event.id))
-                failed.append((delivery, exc))
-            else:
-                succeeded.append(delivery)
+        """Run the handlers, record the ids that succeeded, dead-letter those that kept failing."""
+        if not batch.to_handle:
+            return
+        events = [_event(d) for d in batch.to_handle]
+        attempts = self.settings.max_attempts
+        failures = self._run_serviced(lambda: run_handlers(self.handlers, events, attempts))
+        succeeded = [d for n, d in enumerate(batch.to_handle) if n not in failures]
+        self.handled_log.write(_event(d).id for d in succeeded)
+        self.crash.reached("after-handle")
         # The record must be durable before any ack: otherwise a crash forgets a handled id.
         if self._dedup_on and succeeded:
-            ids = list(dict.fromkeys(d.event.id for d in succeeded))  # type: ignore[union-attr]
+            ids = list(dict.fromkeys(_event(d).id for d in succeeded))
             self._retry_store(lambda: self.store.record(ids))
         for delivery in succeeded:
-            self.metrics.count(f"{delivery.event.type}_ok")  # type: ignore[union-attr]
+            self.metrics.count(f"{_event(delivery).type}_ok")
             delivery.outcome = "ok"
         batch.settled.extend(succeeded)
+        failed = [(d, failures[n]) for n, d in enumerate(batch.to_handle) if n in failures]
         for delivery, error in failed:
-            self._dead_letter(delivery, "handler-failed", _brief(error))
+            reason = f"{_brief(error)} (after {attempts} attempts)"
+            self._dead_letter(delivery, "handler-failed", reason)
             self.metrics.count("dead_lettered")
             delivery.outcome = "dead-lettered (handler failed)"
             batch.settled.append(delivery)
         if self._dedup_on and failed:
             # Release the claims so that a republished copy is not held until the TTL runs out.
-            failed_ids = [d.event.id for d, _ in failed]  # type: ignore[union-attr]
+            failed_ids = [_event(d).id for d, _ in failed]
             self._retry_store(lambda: self.store.release(failed_ids))
 
+    def _run_serviced(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the handler thread while this thread keeps the connection serviced.
+
+        Handlers may be slow; pika answers heartbeats only while this thread is inside one of
+        its calls, so waiting here instead of in the handler keeps the connection alive.
+        """
+        connection = self._connection
+        assert connection is not None
+        future = self._worker.submit(work)
+        # Wake the I/O wait below as soon as the work is done, instead of polling for it.
+        future.add_done_callback(lambda _: connection.add_callback_threadsafe(_nothing))
+        while not future.done():
+            connection.process_data_events(time_limit=IDLE_WAIT_SECONDS)
+        return future.result()
+
     def _skip(self, delivery: Delivery, batch: Batch) -> None:
-        self.metrics.count(f"{delivery.event.type}_skipped")  # type: ignore[union-attr]
+        self.metrics.count(f"{_event(delivery).type}_skipped")
         delivery.outcome = "skipped"
         batch.settled.append(delivery)
 
     def _retry_held(self) -> None:
         """Ask again about ids another replica was handling; settle those it finished."""
         now = time.monotonic()
-        due = [h for h in self._held if h.retry_at <= now]
-        if not due:
+        if not any(h.retry_at <= now for h in self._held):
             return
+        due = [h.delivery for h in self._held if h.retry_at <= now]
         self._held = [h for h in self._held if h.retry_at > now]
-        batch = Batch()
-        self._dedup([h.delivery for h in due], batch)
-        self._handle(batch)
-        waits = {id(h.delivery): h.waits for h in due}
-        for delivery in batch.held:
-            n = waits[id(delivery)] + 1
-            # Wait longer each time, up to the claim TTL: a dead holder's claim expires by then.
-            delay = min(HOLD_RETRY_SECONDS * 2**n, float(self.settings.claim_ttl_seconds))
-            self._held.append(HeldDelivery(delivery, time.monotonic() + delay, n))
-        self._ack([d.tag for d in batch.settled])
-        for delivery in sorted(batch.settled, key=lambda d: d.tag):
-            self._log_outcome(delivery)
-        self.metrics.flush()
+        self._complete(Batch(to_handle=due))
+
+    def _summarise(self) -> None:
+        """Log the counts once per interval: statsd over UDP can drop packets silently."""
+        now = time.monotonic()
+        if now < self._next_summary:
+            return
+        self._next_summary = now + self.settings.summary_interval_seconds
+        counts = self.metrics.take_interval_counts()
+        if counts:
+            log.info(
+                "last %.0f s: %s",
+                self.settings.summary_interval_seconds,
+                " ".join(f"{name}={n}" for name, n in sorted(counts.items())),
+            )
 
     def _retry_store(self, call: Callable[[], T]) -> T:
         """Run an etcd step until it answers, keeping the AMQP connection serviced meanwhile."""
@@ -493,6 +528,16 @@ class Consumer:
         if event is None or delivery.outcome.startswith("dead-lettered"):
             return  # already logged at WARNING by _dead_letter
         log.info("%s id=%s %s", _safe(event.type), _safe(event.id), delivery.outcome)
+
+
+def _event(delivery: Delivery) -> Event:
+    """The decoded event of a delivery past routing (only those reach the later steps)."""
+    assert delivery.event is not None
+    return delivery.event
+
+
+def _nothing() -> None:
+    pass
 
 
 def _safe(text: str, limit: int = 80) -> str:

@@ -10,6 +10,11 @@ returned leaves a claim that expires, so that event is handled a second time. Ev
 crash point costs nothing: an unrecorded event is never acked, and a recorded one is skipped.
 
 All calls are batched: one transaction claims up to ``MAX_TXN_OPS`` ids, one records them.
+
+Bounded state (``DEDUP_TTL``): records then carry a lease shared by every id recorded in the
+same time bucket (a tenth of the TTL), so a handful of leases cover any number of ids; a record
+vanishes between one TTL and 1.1 TTL after it was written, and the in-memory set forgets it
+then too. After that the id counts as new again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -93,8 +99,20 @@ class EtcdStore:
     :class:`StoreUnavailable`, after which the caller must not ack the deliveries concerned.
     """
 
-    def __init__(self, client: pyetcd.MultiEndpointEtcd3Client, service: str, claim_ttl: int):
+    def __init__(
+        self,
+        client: pyetcd.MultiEndpointEtcd3Client,
+        service: str,
+        claim_ttl: int,
+        record_ttl: int | None = None,
+    ) -> None:
         self._client = client
+        self._record_ttl = record_ttl
+        self._bucket_seconds = max(1, (record_ttl or 0) // 10)
+        self._record_leases: dict[int, int] = {}  # time bucket -> lease id
+        self._record_lease_expiry = 0.0
+        # (monotonic time the records expire, their ids), oldest first.
+        self._expiries: deque[tuple[float, list[str]]] = deque()
         self._prefix = f"/service/{service}/"
         self._claim_ttl = claim_ttl
         self._token = f"claimed-by:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -118,6 +136,7 @@ class EtcdStore:
         start = self._prefix.encode()
         end = pyetcd.utils.prefix_range_end(start)
         revision = None
+        expiring: dict[int, list[str]] = {}  # record lease id -> ids it carries
         while True:
             response = self._call(
                 "warm-up read",
@@ -132,10 +151,14 @@ class EtcdStore:
             skip = len(self._prefix.encode())
             for kv in response.kvs:
                 if _is_finished(kv.value, kv.lease):
-                    self._seen.add(kv.key[skip:].decode("utf-8", "surrogateescape"))
+                    event_id = kv.key[skip:].decode("utf-8", "surrogateescape")
+                    self._seen.add(event_id)
+                    if kv.lease:
+                        expiring.setdefault(kv.lease, []).append(event_id)
             if not response.more or not response.kvs:
                 break
             start = response.kvs[-1].key + b"\0"
+        self._schedule_forgetting(expiring)
         log.info(
             "warmed up %d ids from etcd in %.2f s", len(self._seen), time.monotonic() - started
         )
@@ -143,6 +166,7 @@ class EtcdStore:
 
     def claim(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
         """Claim each id for this process, in as few transactions as etcd allows."""
+        self._forget_expired()
         verdicts: dict[str, Verdict] = {}
         for chunk in _chunks(event_ids, MAX_TXN_OPS):
             verdicts.update(self._claim_chunk(chunk))
@@ -188,10 +212,42 @@ class EtcdStore:
     def record(self, event_ids: Sequence[str]) -> None:
         """Mark ids as finished: value ``true`` with no lease, so the record outlives us."""
         txn = self._client.transactions
+        lease, expires_at = self._record_lease() if self._record_ttl else (None, 0.0)
         for chunk in _chunks(event_ids, MAX_TXN_OPS):
-            puts = [txn.put(self.key(i), DONE_VALUE) for i in chunk]
+            puts = [txn.put(self.key(i), DONE_VALUE, lease=lease) for i in chunk]
             self._call("record", self._client.transaction, compare=[], success=puts, failure=[])
         self._seen.update(event_ids)
+        if lease is not None:
+            self._expiries.append((expires_at, list(event_ids)))
+
+    def _record_lease(self) -> tuple[int, float]:
+        """The lease of the current time bucket, and when (monotonic) it expires."""
+        assert self._record_ttl is not None
+        bucket = int(time.time() // self._bucket_seconds)
+        ttl = self._record_ttl + self._bucket_seconds
+        if bucket not in self._record_leases:
+            lease = self._call("lease grant", self._client.lease, ttl)
+            self._record_leases = {bucket: lease.id}  # older buckets' leases run out by themselves
+            self._record_lease_expiry = time.monotonic() + ttl
+        return self._record_leases[bucket], self._record_lease_expiry
+
+    def _schedule_forgetting(self, expiring: dict[int, list[str]]) -> None:
+        """Ask etcd how long each record lease found at warm-up lives, and plan to forget."""
+        now = time.monotonic()
+        planned = []
+        for lease_id, ids in expiring.items():
+            info = self._call("lease lookup", self._client.get_lease_info, lease_id)
+            if info.TTL <= 0:
+                self._seen.difference_update(ids)  # expired while we were reading
+            else:
+                planned.append((now + info.TTL, ids))
+        self._expiries.extend(sorted(planned, key=lambda item: item[0]))
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        while self._expiries and self._expiries[0][0] <= now:
+            _, ids = self._expiries.popleft()
+            self._seen.difference_update(ids)
 
     def release(self, event_ids: Sequence[str]) -> None:
         """Drop this process's claims on ids it gave up on, so no one waits for them."""
@@ -276,7 +332,9 @@ def open_store(settings: Settings) -> DedupStore:
     client = pyetcd.MultiEndpointEtcd3Client(
         endpoints=endpoints, timeout=settings.etcd_timeout_seconds, failover=True
     )
-    return EtcdStore(client, settings.service_name, settings.claim_ttl_seconds)
+    return EtcdStore(
+        client, settings.service_name, settings.claim_ttl_seconds, settings.dedup_ttl_seconds
+    )
 
 
 def _is_finished(value: bytes, lease_id: int) -> bool:

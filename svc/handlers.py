@@ -2,7 +2,8 @@
 
 A handler receives a decoded, de-duplicated event. It runs at most once per id when
 de-duplication is on, except in the crash window the README describes (killed after handling,
-before the record). A handler that raises sends its event to the dead-letter queue.
+before the record). A handler that raises is called again, after growing pauses, up to ``MAX_ATTEMPTS`` times in
+all; after that its event goes to the dead-letter queue, so no event can loop forever.
 
 The registry's keys are the only event types that ever become part of a metric name
 (``<service>_<type>_ok``); every other type is counted under ``<service>_unknown_type``.
@@ -11,13 +12,18 @@ The registry's keys are the only event types that ever become part of a metric n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from svc.events import Event
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Event], None]
+
+# Pauses between attempts double from this, up to the cap.
+FIRST_RETRY_PAUSE_SECONDS = 0.1
+MAX_RETRY_PAUSE_SECONDS = 5.0
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -43,3 +49,36 @@ def new_order(event: Event) -> None:
 @handles("ban_user")
 def ban_user(event: Event) -> None:
     log.debug("banning user for event %s", event.id)
+
+
+def run_handlers(
+    handlers: Mapping[str, Handler], events: Sequence[Event], max_attempts: int
+) -> dict[int, Exception]:
+    """Handle each event, retrying failures; return the last error of each that never worked.
+
+    The result maps an event's position in ``events`` to its last exception.
+    """
+    failures: dict[int, Exception] = {}
+    for position, event in enumerate(events):
+        handler = handlers[event.type]
+        pause = FIRST_RETRY_PAUSE_SECONDS
+        for attempt in range(1, max_attempts + 1):
+            try:
+                handler(event)
+            except Exception as exc:  # any handler bug must not stop the daemon
+                log.warning(
+                    "handler %s failed on attempt %d of %d: %r",
+                    event.type,
+                    attempt,
+                    max_attempts,
+                    exc,
+                    exc_info=attempt == max_attempts,
+                )
+                if attempt == max_attempts:
+                    failures[position] = exc
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, MAX_RETRY_PAUSE_SECONDS)
+            else:
+                break
+    return failures

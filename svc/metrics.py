@@ -26,6 +26,7 @@ class Metrics:
     def __init__(self, service: str, host: str, port: int) -> None:
         self.service = service
         self._pending: Counter[str] = Counter()
+        self._interval: Counter[str] = Counter()
         self._client: statsd.StatsClient | None
         try:
             self._client = statsd.StatsClient(host, port, maxudpsize=MAX_PACKET_BYTES)
@@ -48,6 +49,7 @@ class Metrics:
         if not self._pending:
             return
         pending, self._pending = self._pending, Counter()
+        self._interval.update(pending)
         if self._client is None:
             return
         try:
@@ -57,6 +59,11 @@ class Metrics:
         except OSError as exc:
             # A full socket buffer or an ICMP error from the last send: counts are best effort.
             log.debug("statsd send failed: %s", exc)
+
+    def take_interval_counts(self) -> dict[str, int]:
+        """The non-zero counts flushed since the last call (for the periodic summary line)."""
+        counts, self._interval = self._interval, Counter()
+        return {name: n for name, n in counts.items() if n}
 
     def close(self) -> None:
         self.flush()
