@@ -16,6 +16,7 @@ from svc.config import Settings, level_number, load_settings
 from svc.consumer import Consumer
 from svc.dedup import DedupStore, open_store
 from svc.errors import ConfigError, StoreUnavailable, TopologyError
+from svc.handlers import load_handler_modules
 from svc.metrics import Metrics
 
 log = logging.getLogger("svc")
@@ -33,6 +34,11 @@ def main() -> int:
     configure_logging(settings)
     log.info("starting: %s", settings.describe())
 
+    try:
+        load_handler_modules(settings.handler_modules)
+    except ImportError as exc:
+        log.critical("HANDLER_MODULES: cannot import %s", exc)
+        return EXIT_CONFIG
     metrics = Metrics(settings.service_name, settings.statsd_host, settings.statsd_port)
     # As in the original: the series exist in Graphite before the first event.
     metrics.announce("new_order_ok", "new_order_skipped")

@@ -34,6 +34,7 @@ DEDUP_CLAIM_TTL = "DEDUP_CLAIM_TTL"
 DEDUP_TTL = "DEDUP_TTL"
 MAX_ATTEMPTS = "MAX_ATTEMPTS"
 SUMMARY_INTERVAL = "SUMMARY_INTERVAL"
+HANDLER_MODULES = "HANDLER_MODULES"
 # Test-only: never set these in production (see the README's "Testing the crash windows").
 TEST_CRASH_AT = "TEST_CRASH_AT"
 TEST_HANDLED_LOG = "TEST_HANDLED_LOG"
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, str] = {
     DEDUP_TTL: "forever",
     MAX_ATTEMPTS: "5",
     SUMMARY_INTERVAL: "60",
+    HANDLER_MODULES: "",
     TEST_CRASH_AT: "off",
     TEST_HANDLED_LOG: "",
 }
@@ -88,6 +90,7 @@ class Settings:
     dedup_ttl_seconds: int | None = None
     max_attempts: int = 5
     summary_interval_seconds: float = 60.0
+    handler_modules: tuple[str, ...] = ()
     crash_at: str | None = None
     handled_log: str | None = None
 
@@ -146,6 +149,7 @@ def load_settings(
         dedup_ttl_seconds=read(env, DEDUP_TTL, parse_optional_ttl),
         max_attempts=read(env, MAX_ATTEMPTS, parse_attempts),
         summary_interval_seconds=read(env, SUMMARY_INTERVAL, parse_seconds),
+        handler_modules=read(env, HANDLER_MODULES, parse_module_names),
         crash_at=read(env, TEST_CRASH_AT, parse_crash_point),
         handled_log=read(env, TEST_HANDLED_LOG, lambda raw: raw or None),
     )
@@ -279,6 +283,14 @@ def parse_attempts(raw: str) -> int:
     if not _is_decimal(raw) or not 1 <= int(raw) <= 100:
         raise ValueError("a whole number of attempts between 1 and 100")
     return int(raw)
+
+
+def parse_module_names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError("comma-separated importable module names, e.g. myapp.handlers")
+    return names
 
 
 def parse_crash_point(raw: str) -> str | None:

@@ -11,6 +11,7 @@ The registry's keys are the only event types that ever become part of a metric n
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,13 @@ def handles(event_type: str) -> Callable[[Handler], Handler]:
         return handler
 
     return register
+
+
+def load_handler_modules(names: Sequence[str]) -> None:
+    """Import the modules named in HANDLER_MODULES; their ``@handles`` functions register."""
+    for name in names:
+        importlib.import_module(name)
+        log.info("loaded handlers from %s; handled types: %s", name, ", ".join(sorted(HANDLERS)))
 
 
 @handles("new_order")

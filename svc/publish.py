@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         for _ in range(args.count):
-            channel.basic_publish(
-                args.exchange, args.routing_key, body, properties, mandatory=True
-            )
+            channel.basic_publish(args.exchange, args.routing_key, body, properties, mandatory=True)
     except pika.exceptions.UnroutableError:
         print(
             f"unroutable: no queue is bound to exchange {args.exchange!r} for routing key "
