@@ -31,10 +31,21 @@ def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("true", True), ("TRUE", True), ("1", True), ("Yes", True), ("on", True),
-     ("false", False), ("0", False), ("NO", False), ("off", False)],
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("Yes", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("NO", False),
+        ("off", False),
+    ],
 )
-def test_enable_etcd_accepts_every_documented_spelling(tmp_path: Path, raw: str, expected: bool) -> None:
+def test_enable_etcd_accepts_every_documented_spelling(
+    tmp_path: Path, raw: str, expected: bool
+) -> None:
     s = settings_from({"SERVICE_NAME": "orders", "ENABLE_ETCD": raw}, tmp_path)
     assert s.enable_etcd is expected
 
