@@ -12,9 +12,9 @@ crash point costs nothing: an unrecorded event is never acked, and a recorded on
 All calls are batched: one transaction claims up to ``MAX_TXN_OPS`` ids, one records them.
 
 Bounded state (``DEDUP_TTL``): records then carry a lease shared by every id recorded in the
-same time bucket (a tenth of the TTL), so a handful of leases cover any number of ids; a record
-vanishes between one TTL and 1.1 TTL after it was written, and the in-memory set forgets it
-then too. After that the id counts as new again.
+same time bucket (a tenth of the TTL, at least a second), so a handful of leases cover any
+number of ids; a record vanishes at least one TTL and at most one TTL plus one bucket after it
+was written, and the in-memory set forgets it then too. After that the id counts as new again.
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ class EtcdStore:
         return self._prefix + event_id
 
     def is_known(self, event_id: str) -> bool:
+        if self._expiries and self._expiries[0][0] <= time.monotonic():
+            self._forget_expired()
         return event_id in self._seen
 
     def warm_up(self) -> int:
