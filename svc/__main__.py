@@ -69,10 +69,9 @@ def configure_logging(settings: Settings) -> None:
 
 
 def install_stop_handlers(consumer: Consumer) -> None:
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info(
-            "received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name
-        )
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        # Only set a flag: logging here could re-enter a stderr write the signal interrupted,
+        # fail, and lose the stop request. The consume loop logs that it is stopping.
         consumer.request_stop()
 
     signal.signal(signal.SIGINT, on_signal)

@@ -144,6 +144,9 @@ class Consumer:
                 self.metrics.count("reconnects")
                 self.metrics.flush()
                 self.sleep(delay)
+            except TopologyError:
+                self._close()
+                raise
             except Exception:
                 # A bug must not kill the daemon: start over on a fresh connection, whose
                 # broker requeues what the old one held, after a growing pause.
@@ -151,6 +154,7 @@ class Consumer:
                 delay = backoff.next_delay()
                 log.exception("unexpected error; reconnecting in %.1f s", delay)
                 self.sleep(delay)
+        log.info("stop requested: closing after the batch in hand")
         self._close()
         self._worker.shutdown(wait=True)
         self.handled_log.close()
@@ -297,7 +301,8 @@ class Consumer:
         self.crash.reached("after-record")
         self._ack([d.tag for d in batch.settled])
         for delivery in sorted(batch.settled, key=lambda d: d.tag):
-            self._log_outcome(delivery)
+            if delivery.outcome != "ok":  # "ok" was logged when the handler returned
+                self._log_outcome(delivery)
         self.metrics.flush()
 
     def _route(self, delivery: Delivery, batch: Batch) -> None:
@@ -367,15 +372,19 @@ class Consumer:
         attempts = self.settings.max_attempts
         failures = self._run_serviced(lambda: run_handlers(self.handlers, events, attempts))
         succeeded = [d for n, d in enumerate(batch.to_handle) if n not in failures]
+        # Say "ok" as soon as the work is done: once recorded, a killed process's events are
+        # skipped on redelivery, so a line or count deferred to the ack could be lost for good.
+        for delivery in succeeded:
+            self.metrics.count(f"{_event(delivery).type}_ok")
+            delivery.outcome = "ok"
+            self._log_outcome(delivery)
+        self.metrics.flush()
         self.handled_log.write(_event(d).id for d in succeeded)
         self.crash.reached("after-handle")
         # The record must be durable before any ack: otherwise a crash forgets a handled id.
         if self._dedup_on and succeeded:
             ids = list(dict.fromkeys(_event(d).id for d in succeeded))
             self._retry_store(lambda: self.store.record(ids))
-        for delivery in succeeded:
-            self.metrics.count(f"{_event(delivery).type}_ok")
-            delivery.outcome = "ok"
         batch.settled.extend(succeeded)
         failed = [(d, failures[n]) for n, d in enumerate(batch.to_handle) if n in failures]
         for delivery, error in failed:
