@@ -84,6 +84,8 @@ class Batch:
     #: later copies of an id this batch claims: they share the first copy's fate
     followers: list[Delivery] = field(default_factory=list)
     held: list[Delivery] = field(default_factory=list)
+    #: ids this process claimed for the batch
+    claimed: list[str] = field(default_factory=list)
     #: ids handled and not yet recorded in etcd; the batch is acked once they are
     to_record: list[str] = field(default_factory=list)
 
@@ -115,6 +117,8 @@ class Consumer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._unrecorded: Batch | None = None  # handled, its record to go with the next claim
+        self._current: Batch | None = None  # being claimed and handled
+        self._salvaging = False
         # Half the prefetch window: while one batch waits for its record, the broker can already
         # deliver the next one, so the two share a round trip to etcd.
         self._batch_limit = max(1, settings.prefetch // 2)
@@ -143,14 +147,16 @@ class Consumer:
                 backoff.reset()
                 self._consume()
             except (*CONNECTION_ERRORS, TransientError) as exc:
-                self._record_unrecorded()
-                self._forget_connection()
                 if self._stopping:
+                    self._salvage()
+                    self._forget_connection()
                     break
                 delay = backoff.next_delay()
-                log.warning(
-                    "broker connection lost (%s); reconnecting in %.1f s", _brief(exc), delay
-                )
+                what = "broker connection lost" if isinstance(exc, CONNECTION_ERRORS) else "gave up"
+                log.warning("%s (%s); reconnecting in %.1f s", what, _brief(exc), delay)
+                # Settle in etcd first what the lost channel held, so redeliveries are skipped.
+                self._salvage()
+                self._forget_connection()
                 self.metrics.count("reconnects")
                 self.metrics.flush()
                 self.sleep(delay)
@@ -160,6 +166,7 @@ class Consumer:
             except Exception:
                 # A bug must not kill the daemon: start over on a fresh connection, whose
                 # broker requeues what the old one held, after a growing pause.
+                self._salvage()
                 self._forget_connection()
                 delay = backoff.next_delay()
                 log.exception("unexpected error; reconnecting in %.1f s", delay)
@@ -220,19 +227,37 @@ class Consumer:
                 ) from None
         channel.queue_bind(queue, EXCHANGE, routing_key=BINDING_KEY)
 
-    def _record_unrecorded(self) -> None:
-        """Record a handled batch whose ack can no longer happen, so its redelivery is skipped."""
-        batch, self._unrecorded = self._unrecorded, None
-        if batch is None or not batch.to_record:
-            return
+    def _salvage(self) -> None:
+        """Settle in etcd the batches whose acks can no longer happen, before reconnecting.
+
+        Handled ids are recorded, so their redelivered copies are skipped instead of handled
+        again; ids claimed but not handled are released, so that no replica waits for them.
+        """
+        batches = [b for b in (self._unrecorded, self._current) if b is not None]
+        self._unrecorded = self._current = None
+        self._salvaging = True
         try:
-            self._retry_store(lambda: self.store.record(batch.to_record))
-        except TransientError:
-            log.warning("could not record %d handled ids before reconnecting", len(batch.to_record))
+            self._settle_in_store(batches)
+        finally:
+            self._salvaging = False
+
+    def _settle_in_store(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            recorded = set(batch.to_record)
+            unhandled = [i for i in batch.claimed if i not in recorded]
+            try:
+                if batch.to_record:
+                    self._retry_store(lambda: self.store.record(batch.to_record))  # noqa: B023
+                if unhandled:
+                    self._retry_store(lambda: self.store.release(unhandled))  # noqa: B023
+            except TransientError:
+                log.warning(
+                    "could not settle %d ids in etcd before reconnecting", len(batch.claimed)
+                )
 
     def _forget_connection(self) -> None:
         # Tags of the lost channel mean nothing on the next one; the broker requeued them.
-        self._unrecorded = None
+        self._unrecorded = self._current = None
         self._inbox.clear()
         self._held.clear()
         self._unacked.clear()
@@ -286,6 +311,7 @@ class Consumer:
     def _consume(self) -> None:
         assert self._connection is not None
         while not self._stopping:
+            self._check_connection()
             busy = self._inbox or self._unrecorded is not None
             self._connection.process_data_events(time_limit=0 if busy else IDLE_WAIT_SECONDS)
             if self._inbox:
@@ -324,17 +350,21 @@ class Consumer:
         busy stream pays about one etcd round trip per batch instead of two. A batch with
         nothing to record is acked in the same step.
         """
-        previous, self._unrecorded = self._unrecorded, None
+        previous = self._unrecorded
         to_record = previous.to_record if previous is not None else []
         claims = self._plan_claims(batch, previous) if batch is not None else {}
+        self._current = batch
         # The record runs on the store thread while this thread claims.
         recording = self._store_thread.submit(self.store.record, to_record) if to_record else None
         verdicts = self._retry_store(lambda: self.store.claim(list(claims))) if claims else {}
+        if batch is not None:
+            batch.claimed = [i for i, v in verdicts.items() if v is Verdict.NEW]
         if recording is not None:
             try:
                 recording.result()
             except StoreUnavailable:
                 self._retry_store(lambda: self.store.record(to_record))
+        self._unrecorded = None
         if previous is not None:
             self._finish(previous)
         if batch is None:
@@ -343,6 +373,7 @@ class Consumer:
             self.crash.reached("after-claim")
         self._apply_verdicts(batch, claims, verdicts)
         self._handle(batch)
+        self._current = None
         if batch.to_record:
             self._unrecorded = batch
         else:
@@ -350,6 +381,7 @@ class Consumer:
 
     def _finish(self, batch: Batch) -> None:
         """Ack a batch whose records are durable; hold what another replica is handling."""
+        self._check_connection()
         for delivery in batch.held:
             # Wait longer each time, up to the claim TTL: a dead holder's claim expires by then.
             delay = min(HOLD_RETRY_SECONDS * 2**delivery.waits, self.settings.claim_ttl_seconds)
@@ -473,11 +505,28 @@ class Consumer:
         connection = self._connection
         assert connection is not None
         future = self._worker.submit(work)
-        # Wake the I/O wait below as soon as the work is done, instead of polling for it.
-        future.add_done_callback(lambda _: connection.add_callback_threadsafe(_nothing))
-        while not future.done():
-            connection.process_data_events(time_limit=IDLE_WAIT_SECONDS)
+
+        def wake(_: object) -> None:
+            # Wake the I/O wait below as soon as the work is done, instead of polling for it.
+            try:
+                connection.add_callback_threadsafe(_nothing)
+            except pika.exceptions.ConnectionWrongStateError:
+                pass  # the connection was lost meanwhile; nobody is waiting in its I/O loop
+
+        future.add_done_callback(wake)
+        try:
+            while not future.done():
+                connection.process_data_events(time_limit=IDLE_WAIT_SECONDS)
+        except CONNECTION_ERRORS:
+            # The work goes on regardless: let it finish, so its outcome is recorded in etcd
+            # (see _salvage); the next broker call raises the loss again.
+            log.warning("the broker went away while handlers ran; letting them finish first")
         return future.result()
+
+    def _check_connection(self) -> None:
+        """Raise the loss of a connection that _run_serviced noticed but did not raise."""
+        if self._connection is None or not self._connection.is_open:
+            raise pika.exceptions.StreamLostError("the broker connection was lost")
 
     def _skip(self, delivery: Delivery, batch: Batch) -> None:
         self.metrics.count(f"{_event(delivery).type}_skipped")
@@ -528,13 +577,18 @@ class Consumer:
             return result
 
     def sleep_serviced(self, seconds: float) -> None:
-        """Wait while keeping the connection alive, even when a stop was requested."""
+        """Wait while keeping the connection alive, even when a stop was requested.
+
+        Raises the loss of the connection, except while salvaging (when it is known lost).
+        """
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self._connection is not None and self._connection.is_open:
                 self._connection.sleep(min(left, IDLE_WAIT_SECONDS))
-            else:
+            elif self._salvaging or self._connection is None:
                 time.sleep(min(left, IDLE_WAIT_SECONDS))
+            else:
+                self._check_connection()
 
     # -- acks and dead letters --------------------------------------------------------------
 
@@ -564,6 +618,7 @@ class Consumer:
 
         Raises the broker's error if the copy is not confirmed; the caller must then not ack.
         """
+        self._check_connection()
         assert self._dlq_channel is not None
         original = delivery.properties
         headers = dict(original.headers or {})
