@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
@@ -45,6 +46,10 @@ DONE_VALUE = b"true"
 # Note: etcd refuses a transaction with more than 128 compares or operations (--max-txn-ops).
 MAX_TXN_OPS = 128
 WARM_UP_PAGE_KEYS = 10_000
+# A range holding more keys than this is read as sub-ranges, one per value of its next byte.
+WARM_UP_SPLIT_KEYS = 3 * WARM_UP_PAGE_KEYS
+WARM_UP_MAX_SPLIT_DEPTH = 2
+WARM_UP_READERS = 4
 # Note: a warm-up page of 10,000 keys of up to 256 characters nears gRPC's default 4 MiB cap.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # How soon a failed endpoint is tried again; pyetcd's own default is five minutes.
@@ -133,38 +138,75 @@ class EtcdStore:
         return event_id in self._seen
 
     def warm_up(self) -> int:
-        """Load every finished id under the prefix into memory, one page at a time."""
+        """Load every finished id under the prefix into memory, in pages of at most 10,000.
+
+        Every page is read at the revision of the first, so together they form one snapshot.
+        """
         started = time.monotonic()
-        start = self._prefix.encode()
-        end = pyetcd.utils.prefix_range_end(start)
-        revision = None
+        prefix = self._prefix.encode()
         expiring: dict[int, list[str]] = {}  # record lease id -> ids it carries
-        while True:
-            response = self._call(
-                "warm-up read",
-                self._client.get_range_response,
-                start,
-                end,
-                limit=WARM_UP_PAGE_KEYS,
-                revision=revision,
-            )
-            # Read every page at the first page's revision, so the pages form one snapshot.
-            revision = revision or response.header.revision
-            skip = len(self._prefix.encode())
-            for kv in response.kvs:
-                if _is_finished(kv.value, kv.lease):
-                    event_id = kv.key[skip:].decode("utf-8", "surrogateescape")
-                    self._seen.add(event_id)
-                    if kv.lease:
-                        expiring.setdefault(kv.lease, []).append(event_id)
-            if not response.more or not response.kvs:
-                break
-            start = response.kvs[-1].key + b"\0"
+        first = self._read_page(prefix, pyetcd.utils.prefix_range_end(prefix), None, expiring)
+        revision = first.header.revision
+        if first.more:
+            # Note: etcd counts every key left in the range for each page it serves, so paging
+            # through a million keys one range costs minutes; sub-ranges by leading byte keep
+            # each count small. https://etcd.io/docs/v3.5/learning/api/#range
+            resume_at = first.kvs[-1].key + b"\0"
+            # Sub-ranges are independent: read a few at once, so etcd's cores share the work.
+            with ThreadPoolExecutor(WARM_UP_READERS, thread_name_prefix="warm-up") as readers:
+                reads = [
+                    readers.submit(
+                        self._read_range, max(low, resume_at), high, revision, expiring, 1
+                    )
+                    for low, high in _byte_ranges(prefix)
+                    if high > resume_at
+                ]
+                for read in reads:
+                    read.result()
         self._schedule_forgetting(expiring)
         log.info(
             "warmed up %d ids from etcd in %.2f s", len(self._seen), time.monotonic() - started
         )
         return len(self._seen)
+
+    def _read_range(
+        self, start: bytes, end: bytes, revision: int, expiring: dict[int, list[str]], depth: int
+    ) -> None:
+        """Page through [start, end); split a crowded range by its next key byte."""
+        page = self._read_page(start, end, revision, expiring)
+        if page.more and depth < WARM_UP_MAX_SPLIT_DEPTH and page.count > WARM_UP_SPLIT_KEYS:
+            resume_at = page.kvs[-1].key + b"\0"
+            for low, high in _byte_ranges(start[: len(self._prefix.encode()) + depth]):
+                if high > resume_at and low < end:
+                    self._read_range(
+                        max(low, resume_at), min(high, end), revision, expiring, depth + 1
+                    )
+            return
+        while page.more and page.kvs:
+            page = self._read_page(page.kvs[-1].key + b"\0", end, revision, expiring)
+
+    def _read_page(
+        self, start: bytes, end: bytes, revision: int | None, expiring: dict[int, list[str]]
+    ) -> Any:
+        page = self._call(
+            "warm-up read",
+            self._client.get_range_response,
+            start,
+            end,
+            limit=WARM_UP_PAGE_KEYS,
+            revision=revision,
+            # Once the first page fixed the revision, any member may serve the rest of it
+            # without a consensus round trip per page.
+            serializable=revision is not None,
+        )
+        skip = len(self._prefix.encode())
+        for kv in page.kvs:
+            if _is_finished(kv.value, kv.lease):
+                event_id = kv.key[skip:].decode("utf-8", "surrogateescape")
+                self._seen.add(event_id)
+                if kv.lease:
+                    expiring.setdefault(kv.lease, []).append(event_id)
+        return page
 
     def claim(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
         """Claim each id for this process, in as few transactions as etcd allows."""
@@ -342,6 +384,13 @@ def open_store(settings: Settings) -> DedupStore:
 def _is_finished(value: bytes, lease_id: int) -> bool:
     # A key without a lease is a record whatever its value (e.g. written by hand or another tool).
     return value == DONE_VALUE or lease_id == 0
+
+
+def _byte_ranges(stem: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The 256 ranges [stem + b, stem + b + 1) that together cover every key under ``stem``."""
+    for byte in range(255):
+        yield stem + bytes([byte]), stem + bytes([byte + 1])
+    yield stem + b"\xff", pyetcd.utils.prefix_range_end(stem)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -154,3 +154,21 @@ def test_unreachable_etcd_raises_store_unavailable(service: str) -> None:
             store.claim(["a"])
     finally:
         store.close()
+
+
+def test_warm_up_of_many_ids_reads_every_one_exactly(etcd_server, service: str) -> None:
+    """Past a few pages the warm-up reads sub-ranges (by leading byte) in parallel; none may be
+    missed or invented, whatever the ids' first characters, non-ASCII ones included."""
+    ids = [f"{lead}{n:05d}" for n in range(9_000) for lead in ("a", "Z", "7", "é", "~")]
+    ids += [f"x{n}" for n in range(40_000)]  # one crowded sub-range, split again
+    writer = etcd_server.client()
+    ops = writer.transactions
+    for start in range(0, len(ids), 128):
+        puts = [ops.put(f"/service/{service}/{i}", "true") for i in ids[start : start + 128]]
+        writer.transaction(compare=[], success=puts, failure=[])
+    store = make_store(etcd_server.endpoint, service)
+    try:
+        assert store.warm_up() == len(ids)
+        assert all(store.is_known(i) for i in ids)
+    finally:
+        store.close()
