@@ -1,0 +1,63 @@
+"""``bench/throughput.py --smoke`` runs every benchmark mode in miniature and prints its tables.
+
+Only that it works is checked: each configuration gets a row with a positive figure. The
+figures themselves are not asserted; the machine is shared and timings are noise here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+pytestmark = [pytest.mark.rabbit, pytest.mark.etcd]
+
+# Rows of the throughput and replicas tables: "<config>  <runs>  <events/s> ...".
+RATE_ROWS = {
+    "ref-multi": 2,  # once per workload: distinct ids, then repeated ids
+    "ref-each": 1,
+    "ref-noack": 1,
+    "svc-off": 2,
+    "svc-on": 2,
+    "svc-on-logs": 1,
+    "replicas-1": 1,
+    "replicas-2": 1,
+}
+
+
+def test_smoke_prints_a_positive_row_for_every_configuration(tmp_path: Path) -> None:
+    samples_path = tmp_path / "samples.json"
+    done = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--smoke", "--json-out", str(samples_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"exit {done.returncode}; output:\n{output[-6000:]}"
+
+    for config, expected in RATE_ROWS.items():
+        rates = [
+            float(match[1].replace(",", ""))
+            for match in re.finditer(rf"(?m)^{re.escape(config)} +[1-9]\d* +([\d,.]+)", output)
+        ]
+        assert len(rates) == expected, f"{config}: {len(rates)} rows, not {expected}:\n{output}"
+        assert all(rate > 0 for rate in rates), f"{config}: {rates}\n{output}"
+
+    latency = re.search(r"(?m)^latency-on +[1-9]\d* +([\d.]+)", output)
+    assert latency and float(latency[1]) > 0, output
+    startup = re.search(r"(?m)^startup-on +[1-9]\d* +[\d,]+ +([\d.]+)", output)
+    assert startup and float(startup[1]) > 0, output
+
+    samples = json.loads(samples_path.read_text())
+    assert {s["mode"] for s in samples} >= {
+        "throughput-distinct", "throughput-repeats", "latency", "startup", "replicas"
+    }
