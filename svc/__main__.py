@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from types import FrameType
 
+from svc.backoff import Backoff
 from svc.config import Settings, level_number, load_settings
 from svc.consumer import Consumer
 from svc.dedup import DedupStore, open_store
@@ -83,15 +83,15 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
 
     Returns False if a stop was requested first.
     """
-    delay = 0.5
+    backoff = Backoff()
     while not consumer.stopping:
         try:
             store.warm_up()
             return True
         except StoreUnavailable as exc:
+            delay = backoff.next_delay()
             log.warning("%s; retrying the warm-up in %.1f s", exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            consumer.sleep_serviced(delay, wake_on_stop=True)
     return False
 
 

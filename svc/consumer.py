@@ -159,7 +159,7 @@ class Consumer:
                 self._forget_connection()
                 self.metrics.count("reconnects")
                 self.metrics.flush()
-                self.sleep(delay)
+                self.sleep_serviced(delay, wake_on_stop=True)
             except TopologyError:
                 self._close()
                 raise
@@ -170,21 +170,12 @@ class Consumer:
                 self._forget_connection()
                 delay = backoff.next_delay()
                 log.exception("unexpected error; reconnecting in %.1f s", delay)
-                self.sleep(delay)
+                self.sleep_serviced(delay, wake_on_stop=True)
         log.info("stop requested: closing after the batch in hand")
         self._close()
         self._worker.shutdown(wait=True)
         self._store_thread.shutdown(wait=True)
         self.handled_log.close()
-
-    def sleep(self, seconds: float) -> None:
-        """Wait, keeping AMQP heartbeats answered when connected, and waking early on stop."""
-        deadline = time.monotonic() + seconds
-        while not self._stopping and (left := deadline - time.monotonic()) > 0:
-            if self._connection is not None and self._connection.is_open:
-                self._connection.sleep(min(left, IDLE_WAIT_SECONDS))
-            else:
-                time.sleep(min(left, IDLE_WAIT_SECONDS))
 
     def _connect(self) -> None:
         params = [pika.URLParameters(url) for url in self.settings.rabbit_urls]
@@ -576,13 +567,14 @@ class Consumer:
                 log.info("etcd answers again; consumption resumes")
             return result
 
-    def sleep_serviced(self, seconds: float) -> None:
-        """Wait while keeping the connection alive, even when a stop was requested.
+    def sleep_serviced(self, seconds: float, wake_on_stop: bool = False) -> None:
+        """Wait while keeping the connection alive, if there is one.
 
         Raises the loss of the connection, except while salvaging (when it is known lost).
+        ``wake_on_stop`` ends the wait early once a stop was requested.
         """
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not (wake_on_stop and self._stopping):
             if self._connection is not None and self._connection.is_open:
                 self._connection.sleep(min(left, IDLE_WAIT_SECONDS))
             elif self._salvaging or self._connection is None:
