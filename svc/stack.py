@@ -98,10 +98,17 @@ def etcd_answers(port: int) -> bool:
 
 
 class Stack:
-    """The stack's processes and files under ``home``; pids in ``home/pids/<name>.pid``."""
+    """The stack's processes and files under ``home``; pids in ``home/pids/<name>.pid``.
 
-    def __init__(self, home: Path = DEFAULT_HOME, ports: Ports | None = None) -> None:
+    statsd is installed in ``packages/node_modules`` (``home`` unless said otherwise), so tests
+    can run a stack in a directory of their own with the statsd that ``install`` put in .stack/.
+    """
+
+    def __init__(
+        self, home: Path = DEFAULT_HOME, ports: Ports | None = None, packages: Path | None = None
+    ) -> None:
         self.home = home.resolve()
+        self.packages = (packages or home).resolve()
         self.ports = ports or Ports()
         self.logs = self.home / "logs"
         self.pids = self.home / "pids"
@@ -124,8 +131,8 @@ class Stack:
         return absent
 
     def _statsd_installed(self) -> bool:
-        lock = self.home / "package-lock.json"
-        return (self.home / "node_modules/statsd/stats.js").exists() and (
+        lock = self.packages / "package-lock.json"
+        return (self.packages / "node_modules/statsd/stats.js").exists() and (
             lock.exists() and lock.read_bytes() == (NPM_LOCK_DIR / "package-lock.json").read_bytes()
         )
 
@@ -139,11 +146,11 @@ class Stack:
         if not self._statsd_installed():
             if not shutil.which("npm"):
                 raise StackError("npm is missing: install Node.js (apt-get install nodejs npm)")
-            self.home.mkdir(parents=True, exist_ok=True)
+            self.packages.mkdir(parents=True, exist_ok=True)
             for name in ("package.json", "package-lock.json"):
-                shutil.copyfile(NPM_LOCK_DIR / name, self.home / name)
-            say(f"installing statsd from stack/package-lock.json into {self.home}/node_modules")
-            run(["npm", "ci", "--omit=optional", "--no-audit", "--no-fund"], cwd=self.home)
+                shutil.copyfile(NPM_LOCK_DIR / name, self.packages / name)
+            say(f"installing statsd from stack/package-lock.json into {self.packages}/node_modules")
+            run(["npm", "ci", "--omit=optional", "--no-audit", "--no-fund"], cwd=self.packages)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -330,7 +337,7 @@ class Stack:
         )
         config_path = self.home / "statsd.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-        statsd_dir = self.home / "node_modules" / "statsd"
+        statsd_dir = self.packages / "node_modules" / "statsd"
         node = shutil.which("node") or shutil.which("nodejs")
         if node is None:
             raise StackError("node is missing: install Node.js (apt-get install nodejs)")
