@@ -110,6 +110,8 @@ class Stack:
         self.home = home.resolve()
         self.packages = (packages or home).resolve()
         self.ports = ports or Ports()
+        # Processes started by this object, reaped at stop (a CLI start exits and leaves them).
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = self.home / "logs"
         self.pids = self.home / "pids"
 
@@ -386,8 +388,15 @@ class Stack:
                 start_new_session=True,  # Ctrl-C in the caller's terminal does not reach it
             )
         self.pid_file(name).write_text(f"{process.pid}\n")
+        self.children[name] = process
         started = time.monotonic()
-        self.wait(name, lambda: process.poll() is None and ready(), process, log_path)
+        try:
+            self.wait(name, lambda: process.poll() is None and ready(), process, log_path)
+        except BaseException:  # Ctrl-C included: a part that never came up is not left behind
+            process.kill()
+            process.wait()
+            self.pid_file(name).unlink(missing_ok=True)
+            raise
         took = time.monotonic() - started
         say(f"{name}: started (pid {process.pid}) in {took:.1f} s; log {log_path}")
 
@@ -420,6 +429,8 @@ class Stack:
                 time.sleep(0.1)
             if self.running_pid(name) is not None:
                 os.kill(pid, signal.SIGKILL)
+            if name in self.children:
+                self.children.pop(name).wait()
             self.pid_file(name).unlink(missing_ok=True)
             say(f"{name}: stopped (pid {pid})")
 

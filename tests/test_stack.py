@@ -155,3 +155,18 @@ def test_demo_reads_its_counters_from_graphite(
         "stats_counts.notify_new_order_ok": 5,
         "stats_counts.notify_new_order_skipped": 2,
     }
+
+
+def test_stop_ends_every_process_the_stack_started(stack: Stack) -> None:
+    """Last in this module: the stack's own ``stop``, then nothing of it answers or runs."""
+    names = ("statsd", "carbon", "graphite-web")
+    pids = {name: stack.running_pid(name) for name in names}
+    assert all(pids.values()), pids
+
+    stack.stop()
+
+    for name, pid in pids.items():
+        assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) still runs"
+    assert not list(stack.pids.glob("*.pid"))
+    status = stack.status()
+    assert all(status[name].startswith("down") for name in names), status
