@@ -67,14 +67,34 @@ class Message:
 
 
 @dataclass
+class Labels:
+    """How many messages had one fate, and the labels of the first few (memory stays bounded)."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, label: str) -> None:
+        self.count += 1
+        if len(self.first) < MAX_LISTED:
+            self.first.append(label)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def listed(self) -> str:
+        more = f" and {self.count - len(self.first):,} more" if self.count > len(self.first) else ""
+        return f" ({', '.join(self.first)}{more})"
+
+
+@dataclass
 class Tally:
     """What became of the messages of one run."""
 
     published: int = 0
     confirmed: int = 0
-    unroutable: list[str] = field(default_factory=list)
-    nacked: list[str] = field(default_factory=list)
-    unconfirmed: list[str] = field(default_factory=list)
+    unroutable: Labels = field(default_factory=Labels)
+    nacked: Labels = field(default_factory=Labels)
+    unconfirmed: Labels = field(default_factory=Labels)
     error: str | None = None
 
     @property
@@ -366,7 +386,12 @@ class ConfirmedPublisher:
         while self.urls and not self.opened:
             self.connect()
             assert self.connection is not None
-            self.connection.ioloop.start()
+            try:
+                self.connection.ioloop.start()
+            except KeyboardInterrupt:
+                self.tally.error = "interrupted"
+                self.abandon_pending()
+                break
         self.progress.finish(self.tally)
         return self.tally
 
@@ -455,6 +480,9 @@ class ConfirmedPublisher:
                 self.settle(self.pending_order.popleft(), is_ack)
         else:
             self.settle(method.delivery_tag, is_ack)
+            # Drop tags settled one by one from the front, so the queue of tags stays short.
+            while self.pending_order and self.pending_order[0] not in self.pending:
+                self.pending_order.popleft()
         self.publish_more()
 
     def settle(self, tag: int, is_ack: bool) -> None:
@@ -462,10 +490,10 @@ class ConfirmedPublisher:
         if label is None:
             return  # settled before, by a single confirm
         if not is_ack:
-            self.tally.nacked.append(label)
+            self.tally.nacked.add(label)
         elif tag in self.returned:
             self.returned.discard(tag)
-            self.tally.unroutable.append(label)
+            self.tally.unroutable.add(label)
         else:
             self.tally.confirmed += 1
 
@@ -495,7 +523,8 @@ class ConfirmedPublisher:
 
     def abandon_pending(self) -> None:
         """Count what is still in flight as unconfirmed, and publish nothing more."""
-        self.tally.unconfirmed.extend(self.pending.values())
+        for label in self.pending.values():
+            self.tally.unconfirmed.add(label)
         self.pending.clear()
         self.pending_order.clear()
         self.exhausted = True
@@ -523,20 +552,20 @@ def report(
     )
     if tally.unroutable:
         print(
-            f"{len(tally.unroutable):,} unroutable, dropped by the broker: no queue is bound to "
+            f"{tally.unroutable.count:,} unroutable, dropped by the broker: no queue is bound to "
             f"exchange {args.exchange!r} for routing key {args.routing_key!r}; start a service "
-            f"first so that it declares its queue{listed(tally.unroutable)}",
+            f"first so that it declares its queue{tally.unroutable.listed()}",
             file=err,
         )
     if tally.nacked:
         print(
-            f"{len(tally.nacked):,} not confirmed: the broker nacked them{listed(tally.nacked)}",
+            f"{tally.nacked.count:,} not confirmed: the broker nacked them{tally.nacked.listed()}",
             file=err,
         )
     if tally.unconfirmed:
         print(
-            f"{len(tally.unconfirmed):,} unconfirmed when publishing stopped: they may or may "
-            f"not have arrived{listed(tally.unconfirmed)}",
+            f"{tally.unconfirmed.count:,} unconfirmed when publishing stopped: they may or may "
+            f"not have arrived{tally.unconfirmed.listed()}",
             file=err,
         )
     if tally.error:
@@ -546,19 +575,17 @@ def report(
     return EXIT_OK if tally.is_clean and not bad_lines else EXIT_PROBLEM
 
 
-def listed(labels: list[str]) -> str:
-    shown = ", ".join(labels[:MAX_LISTED])
-    more = f" and {len(labels) - MAX_LISTED:,} more" if len(labels) > MAX_LISTED else ""
-    return f" ({shown}{more})"
-
-
 def main(argv: list[str] | None = None) -> int:
     env = merged_environment(os.environ, ".env")
     args = parse_args(argv, env)
     checker: LineChecker | None = None
     total: int | None = args.count
     if args.file is not None:
-        stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+        try:
+            stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+        except OSError as exc:
+            print(f"cannot read --file {args.file!r}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
         checker = LineChecker(stream, sys.stderr)
         messages: Iterator[Message] = checker.messages()
         total = None

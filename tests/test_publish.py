@@ -115,6 +115,7 @@ def test_same_seed_gives_the_same_ids_and_bodies_keep_the_event() -> None:
         (["--repeat-rate", "1"], "--repeat-rate"),
         (["--window", "0"], "--window"),
         (["--file", "x.jsonl", "--count", "3"], "--file"),
+        (["--file", "missing.jsonl"], "cannot read --file"),
         (['{"type":"new_order","id":"7"}', "--repeat-rate", "0.5"], '"id"'),
         (["--url", "http://localhost"], "--url"),
     ],
