@@ -508,7 +508,11 @@ class ConfirmedPublisher:
     def on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
         """Called by pika when the channel closes; unexpected unless we are finishing."""
         if not self.finishing:
-            self.tally.error = f"the broker closed the channel: {describe_close(reason)}"
+            # pika also closes the channel, first, when the connection is lost.
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+                self.tally.error = f"the broker closed the channel: {describe_close(reason)}"
+            else:
+                self.tally.error = f"the connection was lost: {describe_close(reason)}"
             if getattr(reason, "reply_code", None) == NOT_FOUND:
                 self.tally.error += "; start a service first so that it declares the exchange"
             self.abandon_pending()

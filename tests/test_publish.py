@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,13 @@ from tests.support import (
     Publisher,
     ServiceProcess,
     StatsdListener,
+    TcpProxy,
     base_environment,
     free_port,
+    queue_depth,
     unique_name,
     wait_queue_empty,
+    wait_until,
 )
 
 PUBLISH_TIMEOUT_SECONDS = 120
@@ -49,13 +54,15 @@ def run_publish(
     )
 
 
-def bind_queue(url: str, queue: str, binding_key: str = "#") -> None:
+def bind_queue(
+    url: str, queue: str, binding_key: str = "#", arguments: dict[str, Any] | None = None
+) -> None:
     """A durable queue bound to ``events`` as a service binds its own."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
         channel.exchange_declare(EXCHANGE, "topic", durable=True)
-        channel.queue_declare(queue, durable=True)
+        channel.queue_declare(queue, durable=True, arguments=arguments)
         channel.queue_bind(queue, EXCHANGE, binding_key)
     finally:
         connection.close()
@@ -147,6 +154,58 @@ def test_unroutable_messages_are_counted_and_exit_1(tmp_path: Path, vhost: str) 
         done.stderr
     )
     assert drain(vhost, "only-bar") == []
+
+
+def number_before(text: str, words: str) -> int:
+    match = re.search(r"([\d,]+) " + re.escape(words), text)
+    assert match, f"no count before {words!r} in {text!r}"
+    return int(match.group(1).replace(",", ""))
+
+
+@pytest.mark.rabbit
+def test_nacked_messages_are_counted_and_exit_1(tmp_path: Path, vhost: str) -> None:
+    # A full queue that rejects publishes makes the broker nack what it cannot take.
+    bind_queue(vhost, "full", arguments={"x-max-length": 5, "x-overflow": "reject-publish"})
+
+    done = run_publish("--count", "12", "--window", "1", cwd=tmp_path, url=vhost)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "5 confirmed and routed" in done.stdout
+    assert "7 not confirmed: the broker nacked them" in done.stderr
+    assert len(drain(vhost, "full")) == 5
+
+
+@pytest.mark.rabbit
+def test_lost_connection_leaves_no_message_unaccounted(tmp_path: Path, vhost: str) -> None:
+    bind_queue(vhost, "cut")
+    proxy = TcpProxy().start()
+    cut_done = threading.Event()
+
+    def cut_once_messages_arrive() -> None:
+        try:
+            wait_until(lambda: queue_depth(vhost, "cut")[0] >= 2000, 60, "2000 messages")
+            proxy.cut()
+        finally:
+            cut_done.set()
+
+    cutter = threading.Thread(target=cut_once_messages_arrive, daemon=True)
+    cutter.start()
+    try:
+        done = run_publish("--count", "200000", cwd=tmp_path, url=proxy.url(vhost))
+    finally:
+        cut_done.wait(timeout=90)
+        proxy.stop()
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the connection was lost" in done.stderr
+    published = number_before(done.stdout, "message(s)")
+    confirmed = number_before(done.stdout, "confirmed and routed")
+    unconfirmed = number_before(done.stderr, "unconfirmed")
+    assert published < 200000 and unconfirmed > 0
+    assert confirmed + unconfirmed == published
+    # Every confirmed message is in the queue; an unconfirmed one may or may not be.
+    arrived = queue_depth(vhost, "cut")[0]
+    assert confirmed <= arrived <= published
 
 
 @pytest.mark.rabbit
