@@ -277,6 +277,13 @@ def test_env_example_values_fit_in_a_url_and_give_the_host_a_working_rabbit_url(
     settings = config.load_settings({"SERVICE_NAME": "orders"}, dotenv_path=tmp_path / ".env")
     assert settings.rabbit_urls == (f"amqp://{user}:{password}@localhost:5672/%2F",)
     assert settings.enable_etcd is False  # the compose-only APP_ENABLE_ETCD does not leak in
+    # The README's way to export it for the tools that read only the environment.
+    exported = subprocess.run(
+        ["bash", "-c", 'set -a; . "$0"; set +a; printf %s "$RABBIT_URL"', str(ENV_EXAMPLE)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert exported.stdout == settings.rabbit_urls[0]
 
 
 def test_env_file_is_kept_out_of_git_and_of_the_image() -> None:
