@@ -191,7 +191,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "--count, --repeat-rate and --seed make the ids; --file publishes its lines as "
             "they are: use one or the other"
         )
-    if args.repeat_rate and args.event is not None and fixed_id(decode_event(args.event)):
+    if (
+        args.repeat_rate
+        and args.event is not None
+        and fixed_id(decode_event(args.event)) is not None
+    ):
         parser.error(
             '--repeat-rate needs generated ids, but the event fixes its "id": '
             "remove the id from the event"
