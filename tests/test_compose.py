@@ -1,26 +1,40 @@
-"""Checks of docker-compose.yaml and the assets/ files it mounts, without a Docker engine.
+"""Checks of docker-compose.yaml, .env.example and the assets/ files, without a Docker engine.
 
-``docker-compose config -q`` validates the file against the Compose schema; the other tests read
-the YAML and the mounted files for what a user of the stack relies on: the three services, the
-ports the daemon and the Graphite UI are reached on, statsd flushing every second and Graphite
-keeping one-second points for what statsd writes.
+``docker-compose config`` validates the file against the Compose schema and resolves it with
+the variables of ``.env.example``, as a user's copy of it in ``.env`` would be; the tests read
+that result and the mounted files for what a user of the stack relies on: the dependencies by
+default and the service only with the ``app`` profile, settings the service really reads, no
+guest account, ports on loopback only, statsd flushing every second and Graphite keeping
+one-second points for what statsd writes.
 """
 
 from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from dotenv import dotenv_values
+
+from svc import config
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
+ENV_EXAMPLE = REPO / ".env.example"
+# The variables .env.example sets for docker-compose; a test run must not take them from its
+# own environment, where they would override the file's.
+COMPOSE_VARIABLES = ("RABBITMQ_USER", "RABBITMQ_PASSWORD", "RABBIT_URL", "APP_ENABLE_ETCD")
+DEPENDENCIES = {"rabbitmq", "etcd", "graphite"}
+APP_SERVICES = {"orders", "notify"}
+APP_PROFILE = "app"
 
 STATSD_CONFIG_TARGET = "/opt/statsd/config/udp.js"
 STORAGE_SCHEMAS_TARGET = "/opt/graphite/conf/storage-schemas.conf"
@@ -48,16 +62,45 @@ COMPOSE_TIMEOUT_SECONDS = 120
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
+    """The file as written (anchors and merge keys resolved by the YAML loader)."""
     with COMPOSE_FILE.open() as file:
         return yaml.safe_load(file)
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict[str, Any]:
+    """The file as docker-compose resolves it with the variables of .env.example."""
+    result = run_compose("--env-file", ENV_EXAMPLE.name, "--profile", APP_PROFILE, "config")
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    return {k: v for k, v in dotenv_values(ENV_EXAMPLE).items() if v is not None}
+
+
+def run_compose(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+    return subprocess.run(
+        [find_docker_compose(), "-f", COMPOSE_FILE.name, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMPOSE_TIMEOUT_SECONDS,
+        check=False,
+    )
 
 
 def find_docker_compose() -> str:
     path = shutil.which("docker-compose")
     if path is None:
-        pytest.fail("docker-compose is not installed, so docker-compose.yaml cannot be validated. "
-                    "Install it with `apt-get install docker-compose` (Debian/Ubuntu; CI does "
-                    "the same), then run the tests again.")
+        pytest.fail(
+            "docker-compose is not installed, so docker-compose.yaml cannot be validated. "
+            "Install it with `apt-get install docker-compose` (Debian/Ubuntu; CI does "
+            "the same), then run the tests again."
+        )
     return path
 
 
@@ -69,8 +112,14 @@ def parse_port(spec: str | int | dict[str, Any]) -> list[tuple[str | None, int |
     """
     if isinstance(spec, dict):
         published = spec.get("published")
-        return [(spec.get("host_ip"), int(published) if published is not None else None,
-                 int(spec["target"]), spec.get("protocol", "tcp"))]
+        return [
+            (
+                spec.get("host_ip"),
+                int(published) if published is not None else None,
+                int(spec["target"]),
+                spec.get("protocol", "tcp"),
+            )
+        ]
     text, _, protocol = str(spec).partition("/")
     parts = text.rsplit(":", 2)
     host_ip = parts[0] if len(parts) == 3 else None
@@ -89,6 +138,10 @@ def expand_range(text: str) -> list[int]:
 
 def published_ports(service: dict[str, Any]) -> list[tuple[str | None, int | None, int, str]]:
     return [port for spec in service.get("ports", []) for port in parse_port(spec)]
+
+
+def container_ports(service: dict[str, Any]) -> set[tuple[int, str]]:
+    return {(target, protocol) for _, _, target, protocol in published_ports(service)}
 
 
 def bind_mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -128,29 +181,144 @@ def finest_precision_seconds(schemas: configparser.ConfigParser, metric: str) ->
     pytest.fail(f"no section of storage-schemas.conf matches {metric}")
 
 
-def test_docker_compose_config_accepts_the_file() -> None:
-    result = subprocess.run(
-        [find_docker_compose(), "-f", COMPOSE_FILE.name, "config", "-q"],
-        cwd=REPO, capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_SECONDS)
+@pytest.mark.parametrize("profile", [[], ["--profile", APP_PROFILE]], ids=["default", "app"])
+def test_docker_compose_config_accepts_the_file(profile: list[str]) -> None:
+    result = run_compose("--env-file", ENV_EXAMPLE.name, *profile, "config", "-q")
     assert result.returncode == 0, f"docker-compose config rejected the file:\n{result.stderr}"
 
 
+def test_without_credentials_compose_stops_and_names_the_variable(tmp_path: Path) -> None:
+    # A copy of the file where no .env exists, as in a fresh clone.
+    shutil.copy(COMPOSE_FILE, tmp_path / COMPOSE_FILE.name)
+    result = run_compose("config", "-q", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "RABBITMQ_USER" in result.stderr and ".env.example" in result.stderr, result.stderr
+
+
+def test_default_profile_has_only_the_dependencies(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    assert {name for name, service in services.items() if not service.get("profiles")} == (
+        DEPENDENCIES
+    )
+    assert {name: services[name].get("profiles") for name in APP_SERVICES} == {
+        name: [APP_PROFILE] for name in APP_SERVICES
+    }
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_app_service_settings_are_valid_settings_of_the_service(
+    resolved: dict[str, Any], name: str, tmp_path: Path
+) -> None:
+    environment = resolved["services"][name]["environment"]
+    unknown = set(environment) - {config.SERVICE_NAME, *config.DEFAULTS}
+    assert not unknown, f"{name} sets variables the service does not read: {sorted(unknown)}"
+
+    # Parsed by the service's own settings code, with no .env of the test run's.
+    settings = config.load_settings(environment, dotenv_path=tmp_path / "no.env")
+
+    assert settings.service_name == name
+    assert settings.enable_etcd is True
+    [rabbit_url] = settings.rabbit_urls
+    assert (urlsplit(rabbit_url).hostname, urlsplit(rabbit_url).port) == ("rabbitmq", 5672)
+    assert settings.etcd_endpoints == (("etcd", 2379),)
+    assert (settings.statsd_host, settings.statsd_port) == ("graphite", 8125)
+
+
+def test_app_services_reach_the_ports_their_dependencies_listen_on(
+    resolved: dict[str, Any],
+) -> None:
+    # Container to container: the targets (container ports), not the published ones.
+    services = resolved["services"]
+    assert (5672, "tcp") in container_ports(services["rabbitmq"])
+    assert (2379, "tcp") in container_ports(services["etcd"])
+    assert (8125, "udp") in container_ports(services["graphite"])
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_app_service_waits_for_a_healthy_broker_and_etcd(
+    resolved: dict[str, Any], name: str
+) -> None:
+    services = resolved["services"]
+    depends_on = services[name]["depends_on"]
+    assert depends_on["rabbitmq"]["condition"] == "service_healthy"
+    assert depends_on["etcd"]["condition"] == "service_healthy"
+    assert "graphite" in depends_on
+    assert services["rabbitmq"]["healthcheck"]["test"] and services["etcd"]["healthcheck"]["test"]
+
+
+def test_app_services_share_one_image_built_from_the_dockerfile(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    builds = {name: Path(services[name]["build"]["context"]).resolve() for name in APP_SERVICES}
+    assert set(builds.values()) == {REPO}
+    assert (REPO / services["orders"]["build"].get("dockerfile", "Dockerfile")).is_file()
+    assert services["orders"]["image"] == services["notify"]["image"]
+
+
+def test_no_guest_credentials_the_broker_account_comes_from_env(
+    resolved: dict[str, Any], example_env: dict[str, str]
+) -> None:
+    assert "guest" not in yaml.safe_dump(resolved)  # no value anywhere names that account
+    user, password = example_env["RABBITMQ_USER"], example_env["RABBITMQ_PASSWORD"]
+    assert "guest" not in (user, password)
+    broker = resolved["services"]["rabbitmq"]["environment"]
+    assert (broker["RABBITMQ_DEFAULT_USER"], broker["RABBITMQ_DEFAULT_PASS"]) == (user, password)
+    for name in APP_SERVICES:
+        url = urlsplit(resolved["services"][name]["environment"]["RABBIT_URL"])
+        assert (url.username, url.password) == (user, password)
+
+
+def test_env_example_values_fit_in_a_url_and_give_the_host_a_working_rabbit_url(
+    example_env: dict[str, str], tmp_path: Path
+) -> None:
+    user, password = example_env["RABBITMQ_USER"], example_env["RABBITMQ_PASSWORD"]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", user) and re.fullmatch(r"[A-Za-z0-9._-]+", password)
+    # A service started on the host in the repository reads .env; here, the example's copy.
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
+    settings = config.load_settings({"SERVICE_NAME": "orders"}, dotenv_path=tmp_path / ".env")
+    assert settings.rabbit_urls == (f"amqp://{user}:{password}@localhost:5672/%2F",)
+    assert settings.enable_etcd is False  # the compose-only APP_ENABLE_ETCD does not leak in
+    # The README's way to export it for the tools that read only the environment.
+    exported = subprocess.run(
+        ["bash", "-c", 'set -a; . "$0"; set +a; printf %s "$RABBIT_URL"', str(ENV_EXAMPLE)],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert exported.stdout == settings.rabbit_urls[0]
+
+
+def test_env_file_is_kept_out_of_git_and_of_the_image() -> None:
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run([git, "check-ignore", "-q", ".env"], cwd=REPO, check=False)
+    assert ignored.returncode == 0, ".env is not git-ignored"
+    example = subprocess.run([git, "check-ignore", "-q", ".env.example"], cwd=REPO, check=False)
+    assert example.returncode == 1, ".env.example is git-ignored"
+    assert ".env" in (REPO / ".dockerignore").read_text().split()
+
+
 def test_defines_rabbitmq_etcd_and_graphite(compose: dict[str, Any]) -> None:
-    assert {"rabbitmq", "etcd", "graphite"} <= set(compose["services"])
+    assert DEPENDENCIES <= set(compose["services"])
 
 
 @pytest.mark.parametrize("service", sorted(EXPECTED_PORTS))
 def test_publishes_the_ports_clients_use(compose: dict[str, Any], service: str) -> None:
-    published = {(host, target, protocol)
-                 for _, host, target, protocol in published_ports(compose["services"][service])}
+    published = {
+        (host, target, protocol)
+        for _, host, target, protocol in published_ports(compose["services"][service])
+    }
     missing = EXPECTED_PORTS[service] - published
     assert not missing, f"{service} does not publish {sorted(missing)}; it publishes {published}"
 
 
-def test_ports_are_published_on_loopback_only(compose: dict[str, Any]) -> None:
-    # guest/guest on RabbitMQ, no auth on etcd, root/root on Graphite's admin: not for the LAN.
-    exposed = [(name, port) for name, service in compose["services"].items()
-               for port in published_ports(service) if port[0] != LOOPBACK]
+def test_ports_are_published_on_loopback_only(resolved: dict[str, Any]) -> None:
+    # No auth on etcd, root/root on Graphite's admin, the management UI: not for the LAN.
+    exposed = [
+        (name, port)
+        for name, service in resolved["services"].items()
+        for port in published_ports(service)
+        if port[0] != LOOPBACK
+    ]
     assert not exposed, f"ports published beyond {LOOPBACK}: {exposed}"
 
 
@@ -159,7 +327,8 @@ def test_rabbitmq_image_has_the_management_ui(compose: dict[str, Any]) -> None:
 
 
 def test_etcd_is_3_5_listening_on_all_interfaces_and_advertising_localhost(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     etcd = compose["services"]["etcd"]
     assert re.search(r"etcd:v3\.5\.\d+$", etcd["image"]), etcd["image"]
     command = etcd["command"]
@@ -169,8 +338,11 @@ def test_etcd_is_3_5_listening_on_all_interfaces_and_advertising_localhost(
 
 
 def test_mounted_files_exist_in_the_repository(compose: dict[str, Any]) -> None:
-    mounts = {(name, target, source) for name, service in compose["services"].items()
-              for target, source in bind_mounts(service).items()}
+    mounts = {
+        (name, target, source)
+        for name, service in compose["services"].items()
+        for target, source in bind_mounts(service).items()
+    }
     assert {target for _, target, _ in mounts} >= {STATSD_CONFIG_TARGET, STORAGE_SCHEMAS_TARGET}
     # A missing source would make Docker create an empty directory in its place.
     missing = [(name, source) for name, _, source in mounts if not (REPO / source).is_file()]
@@ -194,8 +366,8 @@ def test_statsd_files_counters_under_stats_counts(compose: dict[str, Any]) -> No
 
 @pytest.mark.parametrize("metric", STATSD_SERIES)
 def test_storage_schema_keeps_one_second_points_for_stats(
-        compose: dict[str, Any], metric: str) -> None:
+    compose: dict[str, Any], metric: str
+) -> None:
     schemas = configparser.ConfigParser(interpolation=None)
     schemas.read_string(mounted_file(compose, STORAGE_SCHEMAS_TARGET).read_text())
     assert finest_precision_seconds(schemas, metric) == 1
-
