@@ -44,7 +44,14 @@ import pyetcd
 from pyetcd.exceptions import Etcd3Exception
 
 from svc import graphite
-from svc.config import DEFAULTS, ETCD_ENDPOINTS, RABBIT_URL, parse_endpoints, redact_url
+from svc.config import (
+    DEFAULTS,
+    ETCD_ENDPOINTS,
+    RABBIT_URL,
+    merged_environment,
+    parse_endpoints,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -574,13 +581,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m svc.demo", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add = parser.add_argument
-    rabbit_url = os.getenv(RABBIT_URL) or DEFAULTS[RABBIT_URL]
+    # Like the service, the demo reads .env too: docker-compose's broker account lives there.
+    env = merged_environment(os.environ, ".env")
+    rabbit_url = env.get(RABBIT_URL) or DEFAULTS[RABBIT_URL]
     add(
         "--rabbit-url",
         default=rabbit_url,
-        help="default: $RABBIT_URL or " + DEFAULTS[RABBIT_URL].replace("%", "%%"),
+        help="default: $RABBIT_URL (environment or .env) or "
+        + redact_url(DEFAULTS[RABBIT_URL]).replace("%", "%%"),
     )
-    etcd = os.getenv(ETCD_ENDPOINTS) or DEFAULTS[ETCD_ENDPOINTS]
+    etcd = env.get(ETCD_ENDPOINTS) or DEFAULTS[ETCD_ENDPOINTS]
     add("--etcd-endpoints", default=etcd, help="default: $ETCD_ENDPOINTS or localhost:2379")
     add(
         "--statsd-forward",
