@@ -156,10 +156,17 @@ def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``, even if the URL is malformed."""
     parts = urlsplit(url)
     userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    if at:
+        if ":" not in userinfo:
+            return url
+        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.rpartition("@")[0]:
+        # An unencoded '/', '?' or '#' in the password ends the netloc early: hide everything
+        # from the first ':' to the last '@' (a vhost with an '@' is hidden too, harmlessly).
+        user, _, _ = rest.partition(":")
+        return f"{scheme}{sep}{user}:***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def load_settings(
@@ -368,7 +375,10 @@ def parse_rabbit_urls(raw: str) -> tuple[str, ...]:
         try:
             parts.port  # noqa: B018 - urlsplit checks the port only when asked
         except ValueError:
-            raise ValueError("AMQP URLs with a numeric port between 0 and 65535") from None
+            raise ValueError(
+                "AMQP URLs with a numeric port between 0 and 65535 (percent-encode any "
+                "'/', '?', '#' or '@' in the user name or password)"
+            ) from None
     return urls
 
 

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import pyetcd
-from pyetcd.client import EtcdTokenCallCredentials
 from pyetcd.exceptions import Etcd3Exception
 
 from svc.errors import StoreRefused, StoreUnavailable
@@ -360,9 +359,12 @@ class EtcdStore:
         """Run one etcd call; with authentication on, take a new token when etcd lost ours."""
         client = self._client
         for attempt in (1, 2):
+            step = what
             try:
                 if isinstance(client, AuthenticatingClient):
+                    step = f"login as {client.user}"
                     client.ensure_token()
+                    step = what
                 return call(*args, **kwargs)
             except (Etcd3Exception, grpc.RpcError) as exc:
                 # Note: etcd keeps simple tokens in memory only: after its restart, or once a
@@ -375,9 +377,9 @@ class EtcdStore:
                 if _is_refusal(exc):
                     hint = " (check ETCD_USER and ETCD_PASSWORD)" if _is_auth_error(exc) else ""
                     raise StoreRefused(
-                        f"etcd {what} refused by {where}: {_describe(exc)}{hint}"
+                        f"etcd {step} refused by {where}: {_describe(exc)}{hint}"
                     ) from exc
-                raise StoreUnavailable(f"etcd {what} failed at {where}: {_describe(exc)}") from exc
+                raise StoreUnavailable(f"etcd {step} failed at {where}: {_describe(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -438,18 +440,18 @@ class AuthenticatingClient(pyetcd.MultiEndpointEtcd3Client):
             with self._token_lock:
                 if self.metadata is None:
                     self._authenticate()
+                    log.info("logged in to etcd at %s as %s", _endpoint_name(self), self.user)
 
     def forget_token(self) -> None:
-        self.metadata = self.call_credentials = None
+        self.metadata = None
 
     # pyetcd's own wrapper: a dead endpoint is marked failed, as for every other call.
     @pyetcd.MultiEndpointEtcd3Client._handle_errors
     def _authenticate(self) -> None:
         request = pyetcd.etcdrpc.AuthenticateRequest(name=self.user, password=self._password)
         reply = self.authstub.Authenticate(request, self.timeout)
-        self.call_credentials = grpc.metadata_call_credentials(
-            EtcdTokenCallCredentials(reply.token)
-        )
+        # The token goes as plain request metadata: gRPC refuses call credentials on a channel
+        # without TLS, which is what pyetcd's own login sets up as well.
         self.metadata = (("token", reply.token),)
 
 
