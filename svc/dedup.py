@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import pyetcd
-from pyetcd.exceptions import Etcd3Exception
+from pyetcd.exceptions import Etcd3Exception, NoServerAvailableError
 
 from svc.errors import StoreRefused, StoreUnavailable
 from svc.tls import grpc_credentials
@@ -133,6 +133,7 @@ class EtcdStore:
         self._lease: pyetcd.Lease | None = None
         self._lease_lock = threading.Lock()
         self._closing = threading.Event()
+        self._last_failure: StoreUnavailable | None = None
         self._keeper = threading.Thread(target=self._keep_lease_alive, daemon=True)
         self._keeper.start()
 
@@ -373,14 +374,31 @@ class EtcdStore:
                 if attempt == 1 and isinstance(client, AuthenticatingClient) and _is_stale(exc):
                     client.forget_token()
                     continue
-                where = _endpoint_name(client)
-                if _is_refusal(exc):
-                    hint = " (check ETCD_USER and ETCD_PASSWORD)" if _is_auth_error(exc) else ""
-                    raise StoreRefused(
-                        f"etcd {step} refused by {where}: {_describe(exc)}{hint}"
-                    ) from exc
-                raise StoreUnavailable(f"etcd {step} failed at {where}: {_describe(exc)}") from exc
+                raise self._failure(step, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failure(self, step: str, exc: BaseException) -> StoreUnavailable:
+        """The error to raise for a failed call, naming the endpoint and what to check."""
+        if isinstance(exc, NoServerAvailableError) and self._last_failure is not None:
+            # Every endpoint failed within ENDPOINT_RETRY_SECONDS: repeat why the last one did,
+            # so a refused certificate is not hidden behind "no endpoint available".
+            last = self._last_failure
+            return type(last)(
+                f"etcd {step} failed: no endpoint to try for {ENDPOINT_RETRY_SECONDS:g} s "
+                f"after: {last}"
+            )
+        where = _endpoint_name(self._client)
+        failure: StoreUnavailable
+        if _is_refusal(exc):
+            if _is_auth_error(exc):
+                hint = "check ETCD_USER and ETCD_PASSWORD"
+            else:
+                hint = "check ETCD_CA_FILE, ETCD_CERT_FILE and ETCD_KEY_FILE"
+            failure = StoreRefused(f"etcd {step} refused by {where}: {_describe(exc)} ({hint})")
+        else:
+            failure = StoreUnavailable(f"etcd {step} failed at {where}: {_describe(exc)}")
+        self._last_failure = failure
+        return failure
 
 
 def open_store(settings: Settings) -> DedupStore:
