@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import uuid
 
 import pika
 import pika.exceptions
+
+from svc.config import RABBIT_CA_FILE, RABBIT_CERT_FILE, RABBIT_KEY_FILE, read_tls_files
+from svc.errors import ConfigError
+from svc.tls import broker_parameters, client_context
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -47,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: the event is not valid JSON ({exc}); publishing it as is")
         body = args.event.encode()
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(args.url))
-    except pika.exceptions.AMQPConnectionError as exc:
+        # The service's TLS settings, so an amqps:// --url verifies the broker the same way.
+        tls = read_tls_files(os.environ, RABBIT_CA_FILE, RABBIT_CERT_FILE, RABBIT_KEY_FILE)
+    except ConfigError as exc:
+        print(f"svc.publish: {exc}", file=sys.stderr)
+        return 2
+    context = client_context(tls) if tls.is_set else None
+    try:
+        connection = pika.BlockingConnection(broker_parameters(args.url, context))
+    except (pika.exceptions.AMQPConnectionError, ssl.SSLError) as exc:
         print(f"cannot reach RabbitMQ at the given --url: {exc!r}", file=sys.stderr)
         return 1
     channel = connection.channel()

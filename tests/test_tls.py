@@ -8,6 +8,8 @@ ERROR line that names the server and the reason, and must never be worked around
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +17,16 @@ from typing import Any
 
 import pytest
 
-from tests.support import ServiceProcess, StatsdListener, restart_etcd, unique_name
+from tests.support import (
+    ServiceProcess,
+    StatsdListener,
+    base_environment,
+    restart_etcd,
+    unique_name,
+)
 from tests.tls_servers import TlsPublisher
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.etcd]
-
-# How long a refused service is watched: several backoff rounds, none may reach "consuming".
-REFUSED_WATCH_SECONDS = 8
 
 
 def broker_settings(node: Any, tls: Any, vhost: str, tmp_path: Path) -> dict[str, str]:
@@ -48,9 +53,9 @@ def etcd_tls_settings(etcd: Any, tls: Any) -> dict[str, str]:
 
 
 def assert_never_consumes(proc: ServiceProcess, refusal: str) -> str:
-    """Wait for the refusal line; then the service must go on refusing, never consuming."""
+    """Wait for the refusal line; then the service must refuse again, never consuming."""
     line = proc.wait_for_line(refusal, timeout=30)
-    proc.wait_for_line(refusal, timeout=REFUSED_WATCH_SECONDS + 10, count=2)
+    proc.wait_for_line(refusal, timeout=30, count=2)
     assert proc.is_running(), f"the service exited instead of retrying:\n{proc.tail()}"
     assert proc.count("consuming from") == 0, proc.tail()
     assert " ERROR " in line, line
@@ -197,3 +202,25 @@ def test_wrong_etcd_password_is_refused_clearly(
     assert "authentication failed" in line
     assert "ETCD_PASSWORD" in line
     assert wrong not in proc.text()
+
+
+def test_publish_command_uses_the_same_tls_settings(
+    rabbit_tls_node: Any, tls_material: Any, tls_vhost: str, tls_publisher: Any
+) -> None:
+    tls_publisher.declare_topology("pubtls")
+    env = {
+        **base_environment(),
+        "RABBIT_CA_FILE": str(tls_material.ca.cert_file),
+        "RABBIT_CERT_FILE": str(tls_material.client.cert_file),
+        "RABBIT_KEY_FILE": str(tls_material.client.key_file),
+    }
+    command = [sys.executable, "-m", "svc.publish", "--url", rabbit_tls_node.url(tls_vhost)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert tls_publisher.ready_count("pubtls-queue") == 1
+
+    env["RABBIT_CA_FILE"] = str(tls_material.other_ca.cert_file)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "certificate verify failed" in done.stderr
+    assert rabbit_tls_node.password not in done.stderr + done.stdout
