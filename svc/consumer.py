@@ -217,7 +217,7 @@ class Consumer:
             except ssl.SSLError as exc:
                 refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
             except pika.exceptions.AMQPConnectionError as exc:
-                if "CERTIFICATE" in str(exc).upper():  # the broker refused our certificate
+                if "SSLError" in str(exc):  # the broker refused our certificate, or none
                     refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
                 last_error = exc
         if refusals:

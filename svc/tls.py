@@ -93,6 +93,12 @@ def describe_handshake_error(exc: BaseException) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     if "CERTIFICATE_REQUIRED" in text:
         return "the server demands a client certificate (set RABBIT_CERT_FILE and RABBIT_KEY_FILE)"
+    for alert in ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN"):
+        if alert in text:
+            return (
+                f"the server did not accept our client certificate ({alert.lower()}; check "
+                "RABBIT_CERT_FILE and RABBIT_KEY_FILE)"
+            )
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or text}"
     return text

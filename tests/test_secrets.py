@@ -2,9 +2,10 @@
 
 The run: a service with every credential set (broker password, client certificate and key,
 etcd user and password) starts, warms up, consumes good, repeated, unknown and bad events,
-rides out an etcd restart that voids its auth token, and stops; beside it, services with a
-wrong etcd password and a wrong broker password keep being refused. Everything they print
-and every statsd packet they send is then searched for the secrets.
+rides out an etcd restart and a password change that voids its auth token, and stops;
+beside it, services with a wrong etcd password and a wrong broker password keep being
+refused. Everything they print and every statsd packet they send is then searched for the
+secrets.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def test_no_secret_in_logs_or_metrics_of_a_full_debug_run(
         statsd_listener.wait_for(f"{name}_new_order_ok", 2)
         statsd_listener.wait_for(f"{name}_invalid", 1)
         restart_etcd(auth_etcd)
+        auth_etcd.set_password_again()  # voids the token: the service logs in again
         publisher.publish_orders(["s-4", "s-2"])
         statsd_listener.wait_for(f"{name}_new_order_ok", 3, timeout=60)
         statsd_listener.wait_for(f"{name}_new_order_skipped", 2)
@@ -119,7 +121,7 @@ def test_no_secret_in_logs_or_metrics_of_a_full_debug_run(
     refused_broker.terminate()
 
     # The run did what it should, so the search below covers every path named above.
-    assert service.count("logged in to etcd") == 2, service.tail()
+    assert service.count("logged in to etcd") >= 2, service.tail()
     assert service.count("DEBUG") > 0
     assert service.count("dead-lettered tag=") == 1
     outputs = {p.label: p.text() for p in (service, refused_etcd, refused_broker)}

@@ -24,7 +24,7 @@ from tests.support import (
     restart_etcd,
     unique_name,
 )
-from tests.tls_servers import TlsPublisher
+from tests.tls_servers import UNNAMED_LOOPBACK, TlsPublisher
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.etcd]
 
@@ -117,6 +117,22 @@ def test_broker_refuses_a_client_without_certificate(
     assert "client certificate" in line
 
 
+def test_broker_refuses_a_client_certificate_from_another_ca(
+    run_service: Callable[..., ServiceProcess],
+    rabbit_tls_node: Any,
+    tls_material: Any,
+    tls_vhost: str,
+    tmp_path: Path,
+) -> None:
+    settings = broker_settings(rabbit_tls_node, tls_material, tls_vhost, tmp_path)
+    settings["RABBIT_CERT_FILE"] = str(tls_material.other_client.cert_file)
+    settings["RABBIT_KEY_FILE"] = str(tls_material.other_client.key_file)
+    proc = run_service(unique_name("intruder"), wait_ready=False, **settings)
+
+    line = assert_never_consumes(proc, "TLS handshake refused by RabbitMQ")
+    assert "the server did not accept our client certificate" in line
+
+
 def test_broker_certificate_from_an_untrusted_ca_is_refused(
     run_service: Callable[..., ServiceProcess],
     rabbit_tls_node: Any,
@@ -131,6 +147,22 @@ def test_broker_certificate_from_an_untrusted_ca_is_refused(
     line = assert_never_consumes(proc, "TLS handshake refused by RabbitMQ")
     assert f"amqps://svc-user:***@localhost:{rabbit_tls_node.port}/" in line
     assert "certificate verify failed" in line
+
+
+def test_broker_certificate_for_another_host_name_is_refused(
+    run_service: Callable[..., ServiceProcess],
+    rabbit_tls_node: Any,
+    tls_material: Any,
+    tls_vhost: str,
+    tmp_path: Path,
+) -> None:
+    settings = broker_settings(rabbit_tls_node, tls_material, tls_vhost, tmp_path)
+    settings["RABBIT_URL"] = settings["RABBIT_URL"].replace("@localhost:", f"@{UNNAMED_LOOPBACK}:")
+    proc = run_service(unique_name("badhost"), wait_ready=False, **settings)
+
+    line = assert_never_consumes(proc, "TLS handshake refused by RabbitMQ")
+    assert f"amqps://svc-user:***@{UNNAMED_LOOPBACK}:{rabbit_tls_node.port}/" in line
+    assert "certificate verify failed: IP address mismatch" in line
 
 
 def test_etcd_certificate_from_an_untrusted_ca_is_refused(
@@ -153,14 +185,14 @@ def test_etcd_certificate_from_an_untrusted_ca_is_refused(
     assert "CERTIFICATE_VERIFY_FAILED" in line.upper().replace(" ", "_"), line
 
 
-def test_etcd_user_and_password_from_a_file_work_across_an_etcd_restart(
+def test_etcd_user_and_password_from_a_file_work_across_a_restart_and_a_void_token(
     run_service: Callable[..., ServiceProcess],
     auth_etcd: Any,
     publisher: Any,
     statsd_listener: StatsdListener,
     tmp_path: Path,
 ) -> None:
-    """etcd forgets every auth token when it restarts: the service must log in again."""
+    """etcd may forget or void a token (restart, password change): the service logs in again."""
     password_file = tmp_path / "etcd-password"
     password_file.write_text(auth_etcd.password)
     name = unique_name("auth")
@@ -177,12 +209,17 @@ def test_etcd_user_and_password_from_a_file_work_across_an_etcd_restart(
 
     restart_etcd(auth_etcd)
     publisher.publish_orders(["b-2", "b-1"])
-
     assert statsd_listener.wait_for(f"{name}_new_order_ok", 2, timeout=60) == 2
     assert statsd_listener.wait_for(f"{name}_new_order_skipped", 2) == 2
-    value, _ = auth_etcd.client().get(f"/service/{name}/b-2")
+    logins = proc.count(f"logged in to etcd at http://{auth_etcd.endpoint} as svc-user")
+
+    auth_etcd.set_password_again()
+    publisher.publish_orders(["b-3"])
+
+    assert statsd_listener.wait_for(f"{name}_new_order_ok", 3, timeout=60) == 3
+    value, _ = auth_etcd.client().get(f"/service/{name}/b-3")
     assert value == b"true"
-    assert proc.count(f"logged in to etcd at http://{auth_etcd.endpoint} as svc-user") == 2
+    assert proc.count(f"logged in to etcd at http://{auth_etcd.endpoint} as svc-user") == logins + 1
 
 
 def test_wrong_etcd_password_is_refused_clearly(

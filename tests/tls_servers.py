@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.support import EtcdServer, Publisher, etcd_binary, free_port, wait_until
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+UNNAMED_LOOPBACK = "127.0.0.2"
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -183,7 +184,9 @@ class RabbitTlsNode:
             "\n".join(
                 [
                     "listeners.tcp = none",
-                    f"listeners.ssl.default = 127.0.0.1:{self.port}",
+                    f"listeners.ssl.1 = 127.0.0.1:{self.port}",
+                    # A loopback address the server certificate does not name.
+                    f"listeners.ssl.2 = {UNNAMED_LOOPBACK}:{self.port}",
                     f"ssl_options.cacertfile = {self.ca.cert_file}",
                     f"ssl_options.certfile = {self.server.cert_file}",
                     f"ssl_options.keyfile = {self.server.key_file}",
@@ -367,29 +370,35 @@ class AuthEtcdServer(EtcdServer):
         self.root_password = f"root-pw-{uuid.uuid4().hex}"
         self.user = "svc-user"
         self.password = f"etcd-pw-{uuid.uuid4().hex}"
+        self.auth_enabled = False
 
     def start(self, timeout: float = 60.0) -> None:
         super().start(timeout)
+        self.etcdctl("user", "add", f"root:{self.root_password}")
+        self.etcdctl("role", "add", "svc")
+        self.etcdctl("role", "grant-permission", "svc", "--prefix=true", "readwrite", "/service/")
+        self.etcdctl("user", "add", f"{self.user}:{self.password}")
+        self.etcdctl("user", "grant-role", self.user, "svc")
+        self.etcdctl("auth", "enable")
+
+    def etcdctl(self, *args: str, stdin: str | None = None) -> str:
+        """Run etcdctl against this server, as root once authentication is on."""
         etcdctl = Path(etcd_binary()).with_name("etcdctl")
-        endpoint = ["--endpoints", f"http://{self.endpoint}"]
-        steps = [
-            ["user", "add", f"root:{self.root_password}"],
-            ["role", "add", "svc"],
-            ["role", "grant-permission", "svc", "--prefix=true", "readwrite", "/service/"],
-            ["user", "add", f"{self.user}:{self.password}"],
-            ["user", "grant-role", self.user, "svc"],
-            ["auth", "enable"],
-        ]
-        for step in steps:
-            done = subprocess.run(
-                [str(etcdctl), *endpoint, *step],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if done.returncode != 0:
-                raise AssertionError(f"etcdctl {step[:2]} failed: {done.stdout}{done.stderr}")
+        command = [str(etcdctl), "--endpoints", f"http://{self.endpoint}"]
+        if self.auth_enabled:
+            command += ["--user", f"root:{self.root_password}"]
+        done = subprocess.run(
+            [*command, *args], input=stdin, check=False, capture_output=True, text=True, timeout=30
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"etcdctl {' '.join(args[:2])} failed: {done.stdout}{done.stderr}")
+        if args[:2] == ("auth", "enable"):
+            self.auth_enabled = True
+        return done.stdout
+
+    def set_password_again(self) -> None:
+        """Set the service user's password (to the same value): etcd voids the user's tokens."""
+        self.etcdctl("user", "passwd", self.user, "--interactive=false", stdin=self.password + "\n")
 
     def client(self, timeout: float = 30.0) -> Any:
         etcd = pyetcd.client(
