@@ -185,6 +185,28 @@ def test_etcd_certificate_from_an_untrusted_ca_is_refused(
     assert "CERTIFICATE_VERIFY_FAILED" in line.upper().replace(" ", "_"), line
 
 
+def test_etcd_refuses_a_client_without_certificate(
+    run_service: Callable[..., ServiceProcess],
+    rabbit_tls_node: Any,
+    tls_etcd: Any,
+    tls_material: Any,
+    tls_vhost: str,
+    tmp_path: Path,
+) -> None:
+    settings = {
+        **broker_settings(rabbit_tls_node, tls_material, tls_vhost, tmp_path),
+        **etcd_tls_settings(tls_etcd, tls_material),
+        "ETCD_TIMEOUT": "2",
+    }
+    del settings["ETCD_CERT_FILE"], settings["ETCD_KEY_FILE"]
+    proc = run_service(unique_name("etcdnocert"), wait_ready=False, **settings)
+
+    line = assert_never_consumes(proc, f"refused by https://{tls_etcd.endpoint}")
+    # etcd (Go's TLS) answers a missing client certificate with a "bad certificate" alert.
+    assert "ALERT_BAD_CERTIFICATE" in line, line
+    assert "check ETCD_CA_FILE, ETCD_CERT_FILE and ETCD_KEY_FILE" in line
+
+
 def test_etcd_user_and_password_from_a_file_work_across_a_restart_and_a_void_token(
     run_service: Callable[..., ServiceProcess],
     auth_etcd: Any,

@@ -177,6 +177,9 @@ class RabbitTlsNode:
             "RABBITMQ_MNESIA_BASE": str(self.base_dir / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.base_dir / "log"),
             "RABBITMQ_PID_FILE": str(self.base_dir / "rabbit.pid"),
+            # Erlang distribution on loopback only, as the AMQP listener.
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
     def _write_config(self) -> None:
