@@ -468,9 +468,10 @@ class AuthenticatingClient(pyetcd.MultiEndpointEtcd3Client):
     def _authenticate(self) -> None:
         request = pyetcd.etcdrpc.AuthenticateRequest(name=self.user, password=self._password)
         reply = self.authstub.Authenticate(request, self.timeout)
-        # The token goes as plain request metadata: gRPC refuses call credentials on a channel
-        # without TLS, which is what pyetcd's own login sets up as well.
-        self.metadata = (("token", reply.token),)
+        # Only as request metadata: pyetcd's own login also sets it as call credentials,
+        # which gRPC refuses on a channel without TLS.
+        # pyetcd leaves the attribute unannotated, so mypy infers None from its __init__.
+        self.metadata = (("token", reply.token),)  # type: ignore[assignment]
 
 
 def _refresh(client: pyetcd.MultiEndpointEtcd3Client, lease_id: int) -> list[Any]:
