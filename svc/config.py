@@ -305,7 +305,9 @@ def read_tls_files(env: Mapping[str, str], ca_var: str, cert_var: str, key_var: 
         except TlsFileError as exc:
             name = {"ca": ca_var, "cert": cert_var, "key": key_var}[exc.which]
             path = {"ca": files.ca_file, "cert": files.cert_file, "key": files.key_file}[exc.which]
-            raise ConfigError(f"{name}={_bounded_repr(path or '')} is invalid: expected {exc}")
+            raise ConfigError(
+                f"{name}={_bounded_repr(path or '')} is invalid: expected {exc}"
+            ) from None
     return files
 
 
