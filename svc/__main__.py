@@ -15,7 +15,7 @@ from svc.backoff import Backoff
 from svc.config import Settings, level_number, load_settings
 from svc.consumer import Consumer
 from svc.dedup import DedupStore, open_store
-from svc.errors import ConfigError, StoreUnavailable, TopologyError
+from svc.errors import ConfigError, StoreRefused, StoreUnavailable, TopologyError
 from svc.handlers import load_handler_modules
 from svc.metrics import Metrics
 
@@ -90,7 +90,8 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
             return True
         except StoreUnavailable as exc:
             delay = backoff.next_delay()
-            log.warning("%s; retrying the warm-up in %.1f s", exc, delay)
+            level = logging.ERROR if isinstance(exc, StoreRefused) else logging.WARNING
+            log.log(level, "%s; retrying the warm-up in %.1f s", exc, delay)
             consumer.sleep_serviced(delay, wake_on_stop=True)
     return False
 

@@ -11,13 +11,14 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
 from svc.errors import ConfigError
+from svc.tls import TlsFileError, TlsFiles, client_context
 
 # Variable names and their defaults, side by side.
 SERVICE_NAME = "SERVICE_NAME"
@@ -35,6 +36,19 @@ DEDUP_TTL = "DEDUP_TTL"
 MAX_ATTEMPTS = "MAX_ATTEMPTS"
 SUMMARY_INTERVAL = "SUMMARY_INTERVAL"
 HANDLER_MODULES = "HANDLER_MODULES"
+RABBIT_PASSWORD = "RABBIT_PASSWORD"
+RABBIT_CA_FILE = "RABBIT_CA_FILE"
+RABBIT_CERT_FILE = "RABBIT_CERT_FILE"
+RABBIT_KEY_FILE = "RABBIT_KEY_FILE"
+ETCD_CA_FILE = "ETCD_CA_FILE"
+ETCD_CERT_FILE = "ETCD_CERT_FILE"
+ETCD_KEY_FILE = "ETCD_KEY_FILE"
+ETCD_USER = "ETCD_USER"
+ETCD_PASSWORD = "ETCD_PASSWORD"
+#: Secrets may instead be read from the file named by ``<name>_FILE``, keeping them out of
+#: the environment; their values never appear in a log line or an error message.
+SECRETS = (RABBIT_PASSWORD, ETCD_PASSWORD)
+FILE_SUFFIX = "_FILE"
 # Test-only: never set these in production (see the README's "Testing the crash windows").
 TEST_CRASH_AT = "TEST_CRASH_AT"
 TEST_HANDLED_LOG = "TEST_HANDLED_LOG"
@@ -54,6 +68,15 @@ DEFAULTS: dict[str, str] = {
     MAX_ATTEMPTS: "5",
     SUMMARY_INTERVAL: "60",
     HANDLER_MODULES: "",
+    RABBIT_PASSWORD: "",
+    RABBIT_CA_FILE: "",
+    RABBIT_CERT_FILE: "",
+    RABBIT_KEY_FILE: "",
+    ETCD_CA_FILE: "",
+    ETCD_CERT_FILE: "",
+    ETCD_KEY_FILE: "",
+    ETCD_USER: "",
+    ETCD_PASSWORD: "",
     TEST_CRASH_AT: "off",
     TEST_HANDLED_LOG: "",
 }
@@ -78,8 +101,15 @@ class Settings:
 
     service_name: str
     enable_etcd: bool = False
-    rabbit_urls: tuple[str, ...] = (DEFAULTS[RABBIT_URL],)
+    #: with their passwords: never log them unredacted (see describe)
+    rabbit_urls: tuple[str, ...] = field(default=(DEFAULTS[RABBIT_URL],), repr=False)
+    rabbit_tls: TlsFiles = field(default_factory=TlsFiles)
     etcd_endpoints: tuple[tuple[str, int], ...] = (("localhost", 2379),)
+    #: TLS to every etcd endpoint (https:// endpoints, or any ETCD_*_FILE set)
+    etcd_secure: bool = False
+    etcd_tls: TlsFiles = field(default_factory=TlsFiles)
+    etcd_user: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
     statsd_host: str = "127.0.0.1"
     statsd_port: int = 8125
     prefetch: int = 100
@@ -104,11 +134,16 @@ class Settings:
 
     def describe(self) -> str:
         """One line of the effective settings, with passwords redacted."""
-        endpoints = ",".join(f"{host}:{port}" for host, port in self.etcd_endpoints)
+        scheme = "https://" if self.etcd_secure else ""
+        endpoints = ",".join(f"{scheme}{host}:{port}" for host, port in self.etcd_endpoints)
         return (
             f"service={self.service_name} enable_etcd={self.enable_etcd} "
             f"rabbit_url={','.join(redact_url(u) for u in self.rabbit_urls)} "
-            f"etcd_endpoints={endpoints} etcd_timeout={self.etcd_timeout_seconds:g}s "
+            + (f"rabbit_tls={self.rabbit_tls.describe()} " if self.rabbit_tls.is_set else "")
+            + f"etcd_endpoints={endpoints} "
+            + (f"etcd_tls={self.etcd_tls.describe()} " if self.etcd_secure else "")
+            + (f"etcd_user={self.etcd_user} etcd_password=*** " if self.etcd_user else "")
+            + f"etcd_timeout={self.etcd_timeout_seconds:g}s "
             f"claim_ttl={self.claim_ttl_seconds}s statsd={self.statsd_host}:{self.statsd_port} "
             f"prefetch={self.prefetch} log_level={self.log_level} log_events={self.log_events} "
             f"dedup_ttl={self.dedup_ttl_seconds or 'forever'} max_attempts={self.max_attempts}"
@@ -118,15 +153,20 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
+    """Return ``url`` with any password replaced by ``***``, even if the URL is malformed."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        if ":" not in userinfo:
+            return url
+        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.rpartition("@")[0]:
+        # An unencoded '/', '?' or '#' in the password ends the netloc early: hide everything
+        # from the first ':' to the last '@' (a vhost with an '@' is hidden too, harmlessly).
+        user, _, _ = rest.partition(":")
+        return f"{scheme}{sep}{user}:***@{rest.rpartition('@')[2]}"
+    return url
 
 
 def load_settings(
@@ -134,11 +174,22 @@ def load_settings(
 ) -> Settings:
     """Read and validate every setting; raise ConfigError naming the first bad variable."""
     env = merged_environment(os.environ if environ is None else environ, dotenv_path)
+    etcd_endpoints = read(env, ETCD_ENDPOINTS, parse_endpoints)
+    etcd_tls = read_tls_files(env, ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)
+    etcd_user, etcd_password = read_etcd_credentials(env)
+    rabbit_urls = read_rabbit_urls(env)
+    rabbit_tls = read_tls_files(env, RABBIT_CA_FILE, RABBIT_CERT_FILE, RABBIT_KEY_FILE)
+    check_rabbit_tls(rabbit_urls, rabbit_tls)
     return Settings(
         service_name=read(env, SERVICE_NAME, parse_service_name),
         enable_etcd=read(env, ENABLE_ETCD, parse_flag),
-        rabbit_urls=read(env, RABBIT_URL, parse_rabbit_urls),
-        etcd_endpoints=read(env, ETCD_ENDPOINTS, parse_endpoints),
+        rabbit_urls=rabbit_urls,
+        rabbit_tls=rabbit_tls,
+        etcd_endpoints=tuple((host, port) for _, host, port in etcd_endpoints),
+        etcd_secure=is_etcd_secure(etcd_endpoints, etcd_tls),
+        etcd_tls=etcd_tls,
+        etcd_user=etcd_user,
+        etcd_password=etcd_password,
         statsd_host=read(env, STATSD_HOST, parse_host),
         statsd_port=read(env, STATSD_PORT, parse_port),
         prefetch=read(env, PREFETCH, parse_prefetch),
@@ -173,12 +224,124 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
     try:
         return parse(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"{name}={_bounded_repr(raw)} is invalid: expected {exc}") from None
+        raise ConfigError(f"{name}={_shown(name, raw)} is invalid: expected {exc}") from None
+
+
+def _shown(name: str, raw: str) -> str:
+    """The value of ``name`` fit for an error message: bounded, and never a password."""
+    if name in SECRETS:
+        return "'***'"
+    if name == RABBIT_URL:
+        raw = ",".join(redact_url(url) for url in raw.split(","))
+    return _bounded_repr(raw)
 
 
 def _bounded_repr(value: str, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- secrets and TLS files: several variables that only make sense together ----------------
+
+
+def read_secret(env: Mapping[str, str], name: str) -> str | None:
+    """The secret ``name``, from the variable itself or from the file ``<name>_FILE`` names.
+
+    Setting both is an error. The file's content is taken whole, minus one final line break.
+    """
+    file_var = name + FILE_SUFFIX
+    direct, path = env.get(name, ""), env.get(file_var, "").strip()
+    if direct and path:
+        raise ConfigError(f"{name} and {file_var} are both set: set only one of them")
+    if not path:
+        return direct or None
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{file_var}={_bounded_repr(path)} is invalid: expected a readable file ({reason})"
+        ) from None
+    secret = secret.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"{file_var}={_bounded_repr(path)} is invalid: the file is empty")
+    return secret
+
+
+def read_rabbit_urls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """RABBIT_URL, each URL's password replaced by RABBIT_PASSWORD(_FILE) when that is set."""
+    urls = read(env, RABBIT_URL, parse_rabbit_urls)
+    password = read_secret(env, RABBIT_PASSWORD)
+    if password is not None:
+        replaced = []
+        for url in urls:
+            parts = urlsplit(url)
+            if not parts.username:
+                raise ConfigError(
+                    f"{RABBIT_URL}={_shown(RABBIT_URL, url)} is invalid: expected a user name "
+                    f"in every URL (amqps://user@host/vhost) when {RABBIT_PASSWORD} is set"
+                )
+            hostport = parts.netloc.rpartition("@")[2]
+            netloc = f"{parts.username}:{quote(password, safe='')}@{hostport}"
+            replaced.append(urlunsplit(parts._replace(netloc=netloc)))
+        urls = tuple(replaced)
+    return urls
+
+
+def read_tls_files(env: Mapping[str, str], ca_var: str, cert_var: str, key_var: str) -> TlsFiles:
+    """The CA, certificate and key files named by three variables, loaded once to check them."""
+    files = TlsFiles(
+        ca_file=env.get(ca_var, "").strip() or None,
+        cert_file=env.get(cert_var, "").strip() or None,
+        key_file=env.get(key_var, "").strip() or None,
+    )
+    if bool(files.cert_file) != bool(files.key_file):
+        given, missing = (cert_var, key_var) if files.cert_file else (key_var, cert_var)
+        raise ConfigError(f"{given} is set but {missing} is not: a client certificate needs both")
+    if files.is_set:
+        try:
+            client_context(files)
+        except TlsFileError as exc:
+            name = {"ca": ca_var, "cert": cert_var, "key": key_var}[exc.which]
+            path = {"ca": files.ca_file, "cert": files.cert_file, "key": files.key_file}[exc.which]
+            raise ConfigError(
+                f"{name}={_bounded_repr(path or '')} is invalid: expected {exc}"
+            ) from None
+    return files
+
+
+def read_etcd_credentials(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    user = env.get(ETCD_USER, "").strip() or None
+    password = read_secret(env, ETCD_PASSWORD)
+    if bool(user) != bool(password):
+        given, missing = (ETCD_USER, ETCD_PASSWORD) if user else (ETCD_PASSWORD, ETCD_USER)
+        raise ConfigError(f"{given} is set but {missing} is not: etcd authentication needs both")
+    return user, password
+
+
+def is_etcd_secure(endpoints: tuple[tuple[str, str, int], ...], files: TlsFiles) -> bool:
+    """Whether to use TLS to etcd; every endpoint must agree, so nothing falls back to plain."""
+    schemes = {scheme for scheme, _, _ in endpoints}
+    if "http" in schemes and ("https" in schemes or files.is_set):
+        raise ConfigError(
+            f"{ETCD_ENDPOINTS} names an http:// endpoint while TLS to etcd is asked for "
+            f"(an https:// endpoint or {ETCD_CA_FILE}/{ETCD_CERT_FILE} set): use https:// "
+            "for every endpoint, or no scheme"
+        )
+    return "https" in schemes or files.is_set
+
+
+def check_rabbit_tls(urls: tuple[str, ...], files: TlsFiles) -> None:
+    if not files.is_set:
+        return
+    for url in urls:
+        if urlsplit(url).scheme != "amqps":
+            raise ConfigError(
+                f"{RABBIT_URL}={_shown(RABBIT_URL, url)} is invalid: expected amqps:// URLs only "
+                f"when {RABBIT_CA_FILE} or {RABBIT_CERT_FILE} is set (a plain amqp:// URL would "
+                "send the credentials unencrypted)"
+            )
 
 
 # Each parser raises ValueError with the expected form as its message.
@@ -214,17 +377,24 @@ def parse_rabbit_urls(raw: str) -> tuple[str, ...]:
         try:
             parts.port  # noqa: B018 - urlsplit checks the port only when asked
         except ValueError:
-            raise ValueError("AMQP URLs with a numeric port between 0 and 65535") from None
+            raise ValueError(
+                "AMQP URLs with a numeric port between 0 and 65535 (percent-encode any "
+                "'/', '?', '#' or '@' in the user name or password)"
+            ) from None
     return urls
 
 
-def parse_endpoints(raw: str) -> tuple[tuple[str, int], ...]:
+def parse_endpoints(raw: str) -> tuple[tuple[str, str, int], ...]:
+    """(scheme, host, port) per endpoint; the scheme is "" when none was written."""
     endpoints = []
     for item in raw.split(","):
-        host, sep, port = item.strip().rpartition(":")
+        scheme, sep, rest = item.strip().rpartition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ValueError("comma-separated [https://]host:port, e.g. localhost:2379")
+        host, sep, port = rest.rpartition(":")
         if not sep or not host:
-            raise ValueError("comma-separated host:port pairs, e.g. localhost:2379")
-        endpoints.append((host.strip("[]"), parse_port(port)))
+            raise ValueError("comma-separated [https://]host:port, e.g. localhost:2379")
+        endpoints.append((scheme, host.strip("[]"), parse_port(port)))
     return tuple(endpoints)
 
 

@@ -15,6 +15,7 @@ not delayed: a batch closes as soon as no further delivery is waiting.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,13 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from svc.backoff import Backoff
+from svc.config import redact_url
 from svc.dedup import Verdict
-from svc.errors import StoreUnavailable, TopologyError, TransientError
+from svc.errors import BrokerRefused, StoreRefused, StoreUnavailable, TopologyError, TransientError
 from svc.events import Event, InvalidEvent, decode
 from svc.faults import CrashPoint, HandledLog
 from svc.handlers import HANDLERS, Handler, run_handlers
+from svc.tls import broker_parameters, client_context, describe_handshake_error
 
 if TYPE_CHECKING:
     from svc.config import Settings
@@ -122,6 +125,9 @@ class Consumer:
         # Half the prefetch window: while one batch waits for its record, the broker can already
         # deliver the next one, so the two share a round trip to etcd.
         self._batch_limit = max(1, settings.prefetch // 2)
+        self._tls_context = (
+            client_context(settings.rabbit_tls) if settings.rabbit_tls.is_set else None
+        )
         self.crash = CrashPoint(settings.crash_at)
         self.handled_log = HandledLog(settings.service_name, settings.handled_log)
 
@@ -152,8 +158,12 @@ class Consumer:
                     self._forget_connection()
                     break
                 delay = backoff.next_delay()
-                what = "broker connection lost" if isinstance(exc, CONNECTION_ERRORS) else "gave up"
-                log.warning("%s (%s); reconnecting in %.1f s", what, _brief(exc), delay)
+                if isinstance(exc, BrokerRefused):
+                    log.error("%s; reconnecting in %.1f s", exc, delay)
+                else:
+                    lost = isinstance(exc, CONNECTION_ERRORS)
+                    what = "broker connection lost" if lost else "gave up"
+                    log.warning("%s (%s); reconnecting in %.1f s", what, _brief(exc), delay)
                 # Settle in etcd first what the lost channel held, so redeliveries are skipped.
                 self._salvage()
                 self._forget_connection()
@@ -178,9 +188,8 @@ class Consumer:
         self.handled_log.close()
 
     def _connect(self) -> None:
-        params = [pika.URLParameters(url) for url in self.settings.rabbit_urls]
-        log.info("connecting to RabbitMQ (%d URL(s))", len(params))
-        self._connection = BlockingConnection(params)
+        log.info("connecting to RabbitMQ (%d URL(s))", len(self.settings.rabbit_urls))
+        self._connection = self._open_connection()
         self._channel = self._connection.channel()
         self._declare_topology(self._channel)
         self._dlq_channel = self._connection.channel()
@@ -193,6 +202,28 @@ class Consumer:
             self.settings.prefetch,
             "on" if self._dedup_on else "off",
         )
+
+    def _open_connection(self) -> BlockingConnection:
+        """Connect to the first RABBIT_URL that answers; raise if none does.
+
+        A failed certificate check is never worked around: that URL is skipped, and when no
+        URL is left, BrokerRefused names each refused URL (password redacted) and why.
+        """
+        refusals: list[str] = []
+        last_error: Exception | None = None
+        for url in self.settings.rabbit_urls:
+            try:
+                return BlockingConnection(broker_parameters(url, self._tls_context))
+            except ssl.SSLError as exc:
+                refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
+            except pika.exceptions.AMQPConnectionError as exc:
+                if "SSLError" in str(exc):  # the broker refused our certificate, or none
+                    refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
+                last_error = exc
+        if refusals:
+            raise BrokerRefused("TLS handshake refused by RabbitMQ at " + "; ".join(refusals))
+        assert last_error is not None
+        raise last_error
 
     def _declare_topology(self, channel: BlockingChannel) -> None:
         """Declare exchange, queue, binding and dead-letter queue, exactly as the Go demo does."""
@@ -558,7 +589,8 @@ class Consumer:
                     # Leave the batch unacked: the broker requeues it when we close.
                     raise
                 delay = backoff.next_delay()
-                log.warning("%s; consumption paused, retrying in %.1f s", exc, delay)
+                level = logging.ERROR if isinstance(exc, StoreRefused) else logging.WARNING
+                log.log(level, "%s; consumption paused, retrying in %.1f s", exc, delay)
                 self.metrics.count("dedup_errors")
                 self.metrics.flush()
                 self.sleep_serviced(delay)

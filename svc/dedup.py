@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import pyetcd
-from pyetcd.exceptions import Etcd3Exception
+from pyetcd.exceptions import Etcd3Exception, NoServerAvailableError
 
-from svc.errors import StoreUnavailable
+from svc.errors import StoreRefused, StoreUnavailable
+from svc.tls import grpc_credentials
 
 if TYPE_CHECKING:
     from svc.config import Settings
@@ -54,6 +55,13 @@ WARM_UP_READERS = 4
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # How soon a failed endpoint is tried again; pyetcd's own default is five minutes.
 ENDPOINT_RETRY_SECONDS = 1.0
+# Answers that no retry with the same credentials or certificates can change.
+REFUSED_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,  # "authentication failed, invalid user ID or password"
+    grpc.StatusCode.PERMISSION_DENIED,  # the user's roles do not cover /service/
+    grpc.StatusCode.UNAUTHENTICATED,  # a token etcd no longer knows, after one new one failed
+    grpc.StatusCode.FAILED_PRECONDITION,  # "authentication is not enabled"
+)
 
 T = TypeVar("T")
 
@@ -125,6 +133,7 @@ class EtcdStore:
         self._lease: pyetcd.Lease | None = None
         self._lease_lock = threading.Lock()
         self._closing = threading.Event()
+        self._last_failure: StoreUnavailable | None = None
         self._keeper = threading.Thread(target=self._keep_lease_alive, daemon=True)
         self._keeper.start()
 
@@ -335,8 +344,8 @@ class EtcdStore:
             if lease is None:
                 continue
             try:
-                replies = list(self._client.refresh_lease(lease.id))
-            except (Etcd3Exception, grpc.RpcError) as exc:
+                replies = self._call("lease refresh", _refresh, self._client, lease.id)
+            except StoreUnavailable as exc:
                 log.warning("could not refresh the claim lease: %s", exc)
                 continue
             if not replies or replies[0].TTL <= 0:
@@ -348,21 +357,61 @@ class EtcdStore:
                         self._lease = None
 
     def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return call(*args, **kwargs)
-        except (Etcd3Exception, grpc.RpcError) as exc:
-            raise StoreUnavailable(f"etcd {what} failed: {_describe(exc)}") from exc
+        """Run one etcd call; with authentication on, take a new token when etcd lost ours."""
+        client = self._client
+        for attempt in (1, 2):
+            step = what
+            try:
+                if isinstance(client, AuthenticatingClient):
+                    step = f"login as {client.user}"
+                    client.ensure_token()
+                    step = what
+                return call(*args, **kwargs)
+            except (Etcd3Exception, grpc.RpcError) as exc:
+                # Note: etcd keeps simple tokens in memory only: after its restart, or once a
+                # token went unused for --auth-token-ttl, every call fails until we log in
+                # again. https://etcd.io/docs/v3.5/op-guide/authentication/authentication/
+                if attempt == 1 and isinstance(client, AuthenticatingClient) and _is_stale(exc):
+                    client.forget_token()
+                    continue
+                raise self._failure(step, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failure(self, step: str, exc: BaseException) -> StoreUnavailable:
+        """The error to raise for a failed call, naming the endpoint and what to check."""
+        if isinstance(exc, NoServerAvailableError) and self._last_failure is not None:
+            # Every endpoint failed within ENDPOINT_RETRY_SECONDS: repeat why the last one did,
+            # so a refused certificate is not hidden behind "no endpoint available".
+            last = self._last_failure
+            return type(last)(
+                f"etcd {step} failed: no endpoint to try for {ENDPOINT_RETRY_SECONDS:g} s "
+                f"after: {last}"
+            )
+        where = _endpoint_name(self._client)
+        failure: StoreUnavailable
+        if _is_refusal(exc):
+            if _is_auth_error(exc):
+                hint = "check ETCD_USER and ETCD_PASSWORD"
+            else:
+                hint = "check ETCD_CA_FILE, ETCD_CERT_FILE and ETCD_KEY_FILE"
+            failure = StoreRefused(f"etcd {step} refused by {where}: {_describe(exc)} ({hint})")
+        else:
+            failure = StoreUnavailable(f"etcd {step} failed at {where}: {_describe(exc)}")
+        self._last_failure = failure
+        return failure
 
 
 def open_store(settings: Settings) -> DedupStore:
     """The store the settings ask for: etcd-backed, or disabled."""
     if not settings.enable_etcd:
         return DisabledStore()
+    credentials = grpc_credentials(settings.etcd_tls) if settings.etcd_secure else None
     endpoints = [
         pyetcd.Endpoint(
             host,
             port,
-            secure=False,
+            secure=settings.etcd_secure,
+            creds=credentials,
             time_retry=ENDPOINT_RETRY_SECONDS,
             opts=[
                 ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
@@ -373,12 +422,100 @@ def open_store(settings: Settings) -> DedupStore:
         )
         for host, port in settings.etcd_endpoints
     ]
-    client = pyetcd.MultiEndpointEtcd3Client(
-        endpoints=endpoints, timeout=settings.etcd_timeout_seconds, failover=True
-    )
+    client: pyetcd.MultiEndpointEtcd3Client
+    if settings.etcd_user and settings.etcd_password:
+        client = AuthenticatingClient(
+            endpoints, settings.etcd_timeout_seconds, settings.etcd_user, settings.etcd_password
+        )
+    else:
+        client = pyetcd.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=settings.etcd_timeout_seconds, failover=True
+        )
     return EtcdStore(
         client, settings.service_name, settings.claim_ttl_seconds, settings.dedup_ttl_seconds
     )
+
+
+class AuthenticatingClient(pyetcd.MultiEndpointEtcd3Client):
+    """An etcd client that logs in with user and password on first use, and again on demand.
+
+    pyetcd logs in once, in its constructor, and keeps that token forever; etcd forgets it on
+    restart. Here the login is an ordinary call: it fails over between endpoints like any
+    other, and a failed login at start-up is retried instead of raising from a constructor.
+    The token lives only in the request metadata: it is never logged.
+    """
+
+    def __init__(
+        self, endpoints: list[pyetcd.Endpoint], timeout: float, user: str, password: str
+    ) -> None:
+        super().__init__(endpoints=endpoints, timeout=timeout, failover=True)
+        self.user = user
+        self._password = password
+        self._token_lock = threading.Lock()
+
+    def ensure_token(self) -> None:
+        if self.metadata is None:
+            with self._token_lock:
+                if self.metadata is None:
+                    self._authenticate()
+                    log.info("logged in to etcd at %s as %s", _endpoint_name(self), self.user)
+
+    def forget_token(self) -> None:
+        self.metadata = None
+
+    # pyetcd's own wrapper: a dead endpoint is marked failed, as for every other call.
+    @pyetcd.MultiEndpointEtcd3Client._handle_errors
+    def _authenticate(self) -> None:
+        request = pyetcd.etcdrpc.AuthenticateRequest(name=self.user, password=self._password)
+        reply = self.authstub.Authenticate(request, self.timeout)
+        # Only as request metadata: pyetcd's own login also sets it as call credentials,
+        # which gRPC refuses on a channel without TLS.
+        # pyetcd leaves the attribute unannotated, so mypy infers None from its __init__.
+        self.metadata = (("token", reply.token),)  # type: ignore[assignment]
+
+
+def _refresh(client: pyetcd.MultiEndpointEtcd3Client, lease_id: int) -> list[Any]:
+    return list(client.refresh_lease(lease_id))
+
+
+def _is_stale(exc: BaseException) -> bool:
+    """Whether etcd rejected our token (not our password): a new login may fix it."""
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    if exc.code() is grpc.StatusCode.UNAUTHENTICATED:  # type: ignore[attr-defined]
+        return True
+    # Also a call that raced a concurrent re-login and went out with no token at all.
+    details = exc.details() or ""  # type: ignore[attr-defined]
+    return "auth store is old" in details or "user name is empty" in details
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    cause = _grpc_error(exc)
+    if cause is None:
+        return False
+    if cause.code() in REFUSED_CODES:  # type: ignore[attr-defined]
+        return True
+    # A failed certificate check reaches us as UNAVAILABLE, like a dead endpoint.
+    return "CERTIFICATE" in (cause.details() or "").upper()  # type: ignore[attr-defined]
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    cause = _grpc_error(exc)
+    return cause is not None and cause.code() in REFUSED_CODES  # type: ignore[attr-defined]
+
+
+def _grpc_error(exc: BaseException) -> grpc.RpcError | None:
+    """The gRPC error behind ``exc``: pyetcd replaces some by its own, detail-less classes."""
+    if isinstance(exc, grpc.RpcError):
+        return exc
+    if isinstance(exc.__context__, grpc.RpcError):
+        return exc.__context__
+    return None
+
+
+def _endpoint_name(client: pyetcd.MultiEndpointEtcd3Client) -> str:
+    endpoint = client.endpoint_in_use
+    return f"{endpoint.protocol}://{endpoint.netloc}" if endpoint is not None else "etcd"
 
 
 def _is_finished(value: bytes, lease_id: int) -> bool:
@@ -399,8 +536,9 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    cause = _grpc_error(exc)
+    if cause is not None:
+        return f"{cause.code().name}: {cause.details()}"  # type: ignore[attr-defined]
     return str(exc) or type(exc).__name__
 
 

@@ -510,7 +510,7 @@ def etcd_is_up(endpoints: str) -> bool:
         parsed = parse_endpoints(endpoints)
     except ValueError as exc:
         raise SetupError(f"--etcd-endpoints: expected {exc}") from None
-    if any(etcd_answers(host, port) for host, port in parsed):
+    if any(etcd_answers(host, port) for _, host, port in parsed):
         return True
     if endpoints.strip() != DEFAULTS[ETCD_ENDPOINTS]:
         raise SetupError(

@@ -29,5 +29,17 @@ class StoreUnavailable(TransientError):
     """etcd did not answer in time; nothing may be acked until it does."""
 
 
+class StoreRefused(StoreUnavailable):
+    """etcd refused our credentials or the TLS handshake failed verification.
+
+    Retried like any outage (the operator may fix etcd's side without restarting us), but the
+    catcher logs it at ERROR: it does not heal by itself.
+    """
+
+
+class BrokerRefused(TransientError):
+    """The TLS handshake with every broker URL failed; retried with backoff, logged at ERROR."""
+
+
 class TopologyError(ServiceError):
     """The broker refused our queues or exchange as declared; retrying cannot fix it."""

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import sys
 import time
 import uuid
@@ -33,7 +34,19 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 
-from svc.config import DEFAULTS, RABBIT_URL, merged_environment, parse_rabbit_urls, redact_url
+from svc.config import (
+    DEFAULTS,
+    RABBIT_CA_FILE,
+    RABBIT_CERT_FILE,
+    RABBIT_KEY_FILE,
+    RABBIT_URL,
+    merged_environment,
+    parse_rabbit_urls,
+    read_tls_files,
+    redact_url,
+)
+from svc.errors import ConfigError
+from svc.tls import broker_parameters, client_context, describe_handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +221,24 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--url {redact_url(args.url)!r} is invalid: expected {exc}")
 
 
+def describe_connect_error(error: BaseException | str) -> str:
+    """Why a connection attempt failed; pika wraps the cause (a refusal, a TLS error) in layers."""
+    if isinstance(error, str):
+        return error
+    cause = error
+    for _ in range(5):
+        exceptions = getattr(cause, "exceptions", None)  # a workflow failure: the last attempt's
+        inner = exceptions[-1] if exceptions else getattr(cause, "exception", None)  # a phase's
+        if inner is None and cause.args and isinstance(cause.args[0], BaseException):
+            inner = cause.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    if isinstance(cause, ssl.SSLError):
+        return describe_handshake_error(cause)
+    return str(cause) or repr(cause)
+
+
 # --- what to publish --------------------------------------------------------------------------
 
 
@@ -366,8 +397,10 @@ class ConfirmedPublisher:
         messages: Iterator[Message],
         window: int,
         progress: Progress,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.urls = deque(urls)
+        self.tls_context = tls_context
         self.exchange = exchange
         self.routing_key = routing_key
         self.messages = messages
@@ -401,7 +434,7 @@ class ConfirmedPublisher:
 
     def connect(self) -> None:
         url = self.urls.popleft()
-        parameters = pika.URLParameters(url)
+        parameters = broker_parameters(url, self.tls_context)
         if parameters.blocked_connection_timeout is None:
             parameters.blocked_connection_timeout = BLOCKED_TIMEOUT_SECONDS
         log.debug("connecting to %s", redact_url(url))
@@ -415,7 +448,10 @@ class ConfirmedPublisher:
 
     def on_connection_open_error(self, connection: Any, error: BaseException | str) -> None:
         """Called by pika when a connection attempt fails; :meth:`run` tries the next URL."""
-        self.tally.error = f"cannot connect to RabbitMQ at {redact_url(self.current_url)}: {error}"
+        self.tally.error = (
+            f"cannot connect to RabbitMQ at {redact_url(self.current_url)}: "
+            + describe_connect_error(error)
+        )
         connection.ioloop.stop()
 
     def on_connection_open(self, connection: Any) -> None:
@@ -586,6 +622,12 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     env = merged_environment(os.environ, ".env")
     args = parse_args(argv, env)
+    try:
+        # The service's TLS settings, so an amqps:// --url verifies the broker the same way.
+        tls = read_tls_files(env, RABBIT_CA_FILE, RABBIT_CERT_FILE, RABBIT_KEY_FILE)
+    except ConfigError as exc:
+        print(f"svc.publish: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     checker: LineChecker | None = None
     total: int | None = args.count
     if args.file is not None:
@@ -611,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         messages,
         args.window,
         Progress(sys.stderr, total, show),
+        client_context(tls) if tls.is_set else None,
     )
     try:
         tally = publisher.run()

@@ -163,3 +163,61 @@ def run_dedup_service(
         return run_service(name, **{**defaults, **options})
 
     return start
+
+
+# --- TLS and credentials (tests/test_tls.py, tests/test_secrets.py) --------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A CA with server and client certificates for loopback, and a second, unrelated CA."""
+    from tests.tls_servers import TlsMaterial
+
+    return TlsMaterial(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def rabbit_tls_node(tmp_path_factory: pytest.TempPathFactory, tls_material: Any) -> Iterator[Any]:
+    """One RabbitMQ node of our own with a mutual-TLS listener, shared by the TLS tests."""
+    from tests.tls_servers import RabbitTlsNode
+
+    node = RabbitTlsNode(
+        tmp_path_factory.mktemp("rabbit-tls"), tls_material.ca, tls_material.server
+    )
+    try:
+        node.start()
+        print(f"RabbitMQ TLS node {node.node} started in {node.started_in_seconds:.1f} s")
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An etcd with authentication on (root and one service user)."""
+    from tests.tls_servers import AuthEtcdServer
+
+    server = AuthEtcdServer(tmp_path_factory.mktemp("etcd-auth"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_etcd(tmp_path_factory: pytest.TempPathFactory, tls_material: Any) -> Iterator[Any]:
+    """An etcd on https that demands a client certificate signed by the test CA."""
+    from tests.tls_servers import SecureEtcdServer
+
+    server = SecureEtcdServer(
+        tmp_path_factory.mktemp("etcd-tls"),
+        tls_material.ca,
+        tls_material.server,
+        tls_material.client,
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
