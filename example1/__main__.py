@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "print every event delivered to 'my-queue'. Stop with Ctrl-C.")
     parser.add_argument(
         "--url", default=os.environ.get(URL_VAR, DEFAULT_URL),
-        help=f"AMQP URL of the broker (default: ${URL_VAR}, else {DEFAULT_URL})")
+        # argparse formats help with %, and the default URL holds one (%2F).
+        help=f"AMQP URL of the broker (default: ${URL_VAR}, else {DEFAULT_URL})".replace("%", "%%"))
     parser.add_argument(
         "--interval", metavar="SECONDS", type=positive_seconds,
         default=DEFAULT_INTERVAL_SECONDS,

@@ -12,7 +12,17 @@ import sys
 from types import FrameType
 
 from svc.backoff import Backoff
-from svc.config import Settings, level_number, load_settings
+from svc.config import (
+    DEFAULTS,
+    ENABLE_ETCD,
+    ETCD_ENDPOINTS,
+    HANDLER_MODULES,
+    SECRETS,
+    SERVICE_NAME,
+    Settings,
+    level_number,
+    load_settings,
+)
 from svc.consumer import Consumer
 from svc.dedup import DedupStore, open_store
 from svc.errors import ConfigError, StoreRefused, StoreUnavailable, TopologyError
@@ -25,20 +35,36 @@ EXIT_CONFIG = 2
 EXIT_TOPOLOGY = 3
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if args:
+        # Starting the daemon here would declare a queue the user did not mean to create.
+        print(
+            f"svc: unexpected argument {args[0]!r}: the service is configured only through "
+            "environment variables; see `python -m svc --help`",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"svc: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings)
-    log.info("starting: %s", settings.describe())
-
     try:
         load_handler_modules(settings.handler_modules)
     except ImportError as exc:
-        log.critical("HANDLER_MODULES: cannot import %s", exc)
+        given = ",".join(settings.handler_modules)
+        print(
+            f"svc: {HANDLER_MODULES}={given!r} is invalid: expected importable Python modules "
+            f"({exc})",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
+    log.info("starting: %s", settings.describe())
     metrics = Metrics(settings.service_name, settings.statsd_host, settings.statsd_port)
     # As in the original: the series exist in Graphite before the first event.
     metrics.announce("new_order_ok", "new_order_skipped")
@@ -58,14 +84,42 @@ def main() -> int:
     return 0
 
 
+def usage() -> str:
+    """The settings, with their defaults, for ``python -m svc --help``."""
+    rows = [
+        f"  {name:<{20}} default: {value if value else '(unset)'}"
+        for name, value in DEFAULTS.items()
+        if not name.startswith("TEST_")
+    ]
+    secrets = ", ".join(f"{name}_FILE" for name in SECRETS)
+    return "\n".join(
+        [
+            "usage: SERVICE_NAME=<name> [SETTING=value ...] python -m svc",
+            "",
+            "Consumes events from the RabbitMQ exchange 'events' on its own queue <name>-queue,",
+            "skips ids it has handled before (ENABLE_ETCD=true), and counts in statsd.",
+            "Settings come from the environment, then a .env file in the working directory:",
+            f"  {SERVICE_NAME:<{20}} required: [a-z0-9_-], at most 64 characters",
+            *rows,
+            f"Secrets may come from files instead: {secrets}.",
+            "The README's 'Settings' section says what each one does.",
+            "Exit status: 0 after SIGINT/SIGTERM, 2 bad setting,",
+            "3 queue declared elsewhere with other arguments.",
+        ]
+    )
+
+
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=level_number(settings.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pika logs every connection attempt at INFO/WARNING; our own lines already say what matters.
-    logging.getLogger("pika").setLevel(max(logging.WARNING, level_number(settings.log_level)))
+    # pika logs each failed connection attempt as several ERROR lines with a traceback; the
+    # consumer's own line already says what failed and when it retries. With LOG_LEVEL=DEBUG
+    # its warnings and errors show too, never its debug lines (they print connection details).
+    debugging = level_number(settings.log_level) <= logging.DEBUG
+    logging.getLogger("pika").setLevel(logging.WARNING if debugging else logging.CRITICAL)
 
 
 def install_stop_handlers(consumer: Consumer) -> None:
@@ -84,6 +138,7 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
     Returns False if a stop was requested first.
     """
     backoff = Backoff()
+    hinted = False
     while not consumer.stopping:
         try:
             store.warm_up()
@@ -92,6 +147,15 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
             delay = backoff.next_delay()
             level = logging.ERROR if isinstance(exc, StoreRefused) else logging.WARNING
             log.log(level, "%s; retrying the warm-up in %.1f s", exc, delay)
+            if not hinted and not isinstance(exc, StoreRefused):
+                hinted = True
+                log.warning(
+                    "no etcd answers at %s=%s: consumption starts once one does (for a local "
+                    "one: `.venv/bin/etcd`, or `bash scripts/stack start`), or set %s=false",
+                    ETCD_ENDPOINTS,
+                    ",".join(f"{host}:{port}" for host, port in consumer.settings.etcd_endpoints),
+                    ENABLE_ETCD,
+                )
             consumer.sleep_serviced(delay, wake_on_stop=True)
     return False
 

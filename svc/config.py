@@ -390,10 +390,10 @@ def parse_endpoints(raw: str) -> tuple[tuple[str, str, int], ...]:
     for item in raw.split(","):
         scheme, sep, rest = item.strip().rpartition("://")
         if sep and scheme not in ("http", "https"):
-            raise ValueError("comma-separated [https://]host:port, e.g. localhost:2379")
+            raise ValueError("comma-separated [http:// or https://]host:port, e.g. localhost:2379")
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
-            raise ValueError("comma-separated [https://]host:port, e.g. localhost:2379")
+            raise ValueError("comma-separated [http:// or https://]host:port, e.g. localhost:2379")
         endpoints.append((scheme, host.strip("[]"), parse_port(port)))
     return tuple(endpoints)
 

@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 EXCHANGE = "events"
 BINDING_KEY = "#"
+LOST = "broker connection lost"
 REASON_HEADER = "x-reason"
 # How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
 IDLE_WAIT_SECONDS = 0.5
@@ -160,9 +161,19 @@ class Consumer:
                 delay = backoff.next_delay()
                 if isinstance(exc, BrokerRefused):
                     log.error("%s; reconnecting in %.1f s", exc, delay)
+                elif isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+                    log.error(
+                        "RabbitMQ refused the login (%s): check the user and password in "
+                        "RABBIT_URL (or RABBIT_PASSWORD / RABBIT_PASSWORD_FILE, or a .env file); "
+                        "retrying in %.1f s",
+                        _brief(exc),
+                        delay,
+                    )
+                elif not isinstance(exc, CONNECTION_ERRORS):
+                    log.warning("gave up (%s); reconnecting in %.1f s", _brief(exc), delay)
                 else:
-                    lost = isinstance(exc, CONNECTION_ERRORS)
-                    what = "broker connection lost" if lost else "gave up"
+                    # No connection yet (a failed attempt) reads differently from a lost one.
+                    what = "cannot connect to RabbitMQ" if self._connection is None else LOST
                     log.warning("%s (%s); reconnecting in %.1f s", what, _brief(exc), delay)
                 # Settle in etcd first what the lost channel held, so redeliveries are skipped.
                 self._salvage()

@@ -108,11 +108,15 @@ class Tally:
     unroutable: Labels = field(default_factory=Labels)
     nacked: Labels = field(default_factory=Labels)
     unconfirmed: Labels = field(default_factory=Labels)
+    #: in flight when the broker closed the channel for a missing exchange: certainly lost
+    refused: Labels = field(default_factory=Labels)
     error: str | None = None
 
     @property
     def is_clean(self) -> bool:
-        return not (self.unroutable or self.nacked or self.unconfirmed or self.error)
+        return not (
+            self.unroutable or self.nacked or self.unconfirmed or self.refused or self.error
+        )
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -555,7 +559,10 @@ class ConfirmedPublisher:
                 self.tally.error = f"the connection was lost: {describe_close(reason)}"
             if getattr(reason, "reply_code", None) == NOT_FOUND:
                 self.tally.error += "; start a service first so that it declares the exchange"
-            self.abandon_pending()
+                # Published to an exchange that does not exist: none of them can have arrived.
+                self.abandon_pending(self.tally.refused)
+            else:
+                self.abandon_pending()
             self.finish()
 
     def on_connection_closed(self, connection: Any, reason: BaseException) -> None:
@@ -565,10 +572,11 @@ class ConfirmedPublisher:
             self.abandon_pending()
         connection.ioloop.stop()
 
-    def abandon_pending(self) -> None:
-        """Count what is still in flight as unconfirmed, and publish nothing more."""
+    def abandon_pending(self, fate: Labels | None = None) -> None:
+        """Count what is still in flight as ``fate`` (unconfirmed), and publish nothing more."""
+        fate = self.tally.unconfirmed if fate is None else fate
         for label in self.pending.values():
-            self.tally.unconfirmed.add(label)
+            fate.add(label)
         self.pending.clear()
         self.pending_order.clear()
         self.exhausted = True
@@ -588,6 +596,9 @@ def report(
 ) -> int:
     """Print the outcome; return the exit status."""
     rate = tally.published / seconds if seconds > 0 else 0.0
+    if tally.published == 0 and tally.error:
+        print(tally.error, file=err)  # nothing went out: the reason is the whole story
+        return EXIT_PROBLEM
     print(
         f"published {tally.published:,} message(s) to exchange {args.exchange!r} with routing "
         f"key {args.routing_key!r} in {seconds:.2f} s ({rate:,.0f} msg/s): "
@@ -604,6 +615,12 @@ def report(
     if tally.nacked:
         print(
             f"{tally.nacked.count:,} not confirmed: the broker nacked them{tally.nacked.listed()}",
+            file=err,
+        )
+    if tally.refused:
+        print(
+            f"{tally.refused.count:,} not delivered: the broker refused them (see below)"
+            f"{tally.refused.listed()}",
             file=err,
         )
     if tally.unconfirmed:

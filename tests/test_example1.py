@@ -218,3 +218,15 @@ def drain(vhost: str, queue_name: str) -> list[bytes]:
             if method is None:
                 return bodies
             bodies.append(body)
+
+
+def test_help_prints_usage() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "example1", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--url" in done.stdout and "%2F" in done.stdout

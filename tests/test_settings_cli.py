@@ -8,6 +8,8 @@ exit-2 cases point RABBIT_URL at a closed port, so they never need (or touch) th
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.support import (
     ServiceProcess,
     StatsdListener,
     amqp_url,
+    base_environment,
     rabbitmqctl,
     run_svc_once,
     unique_name,
@@ -37,6 +40,7 @@ BAD_SETTINGS = [
     ("SERVICE_NAME", "o" * 65, r"64"),
     ("ENABLE_ETCD", "maybe", r"true"),
     ("PREFETCH", "0", r"positive|integer"),
+    ("HANDLER_MODULES", "no_such_module_here", r"import"),
     ("PREFETCH", "-3", r"positive|integer"),
     ("PREFETCH", "abc", r"positive|integer"),
     ("LOG_LEVEL", "LOUD", r"DEBUG|level"),
@@ -174,3 +178,41 @@ def test_unresolvable_statsd_host_warns_and_keeps_consuming(
     assert any("no-such-host.invalid" in line for line in warnings), svc.text()
     wait_queue_empty(vhost, f"{name}-queue", timeout=30)
     assert svc.is_running()
+
+
+@pytest.mark.rabbit
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_the_settings_and_declares_nothing(
+    tmp_path: Path, vhost: str, flag: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "svc", flag],
+        env={**base_environment(), "SERVICE_NAME": "orders", "RABBIT_URL": vhost},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    for name in ("SERVICE_NAME", "ENABLE_ETCD", "RABBIT_URL", "PREFETCH", "ETCD_PASSWORD_FILE"):
+        assert name in done.stdout, f"{name} missing from --help"
+    assert "TEST_CRASH_AT" not in done.stdout
+    listed = rabbitmqctl("list_queues", "-p", vhost_of(vhost), "--quiet", "name")
+    assert "orders-queue" not in listed, "--help started the daemon and declared its queue"
+
+
+def test_an_argument_is_refused_with_a_pointer_to_help(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "svc", "--prefetch=5"],
+        env={**base_environment(), **GOOD},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 2
+    assert "'--prefetch=5'" in done.stderr and "--help" in done.stderr
