@@ -486,6 +486,12 @@ def connect(url: str) -> pika.BlockingConnection:
     first = url.split(",")[0].strip()
     try:
         return pika.BlockingConnection(pika.URLParameters(first))
+    except pika.exceptions.ProbableAuthenticationError:
+        raise SetupError(
+            f"RabbitMQ at {redact_url(first)} refused the login: check the user and password in "
+            "RABBIT_URL (from the environment or a .env file; .env is meant for docker-compose's "
+            "broker)"
+        ) from None
     except pika.exceptions.AMQPConnectionError as exc:
         raise SetupError(
             f"cannot reach RabbitMQ at {redact_url(first)} ({type(exc).__name__}): start it with "
