@@ -28,13 +28,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd.exceptions import Etcd3Exception
 
+from svc import warmup
 from svc.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 DONE_VALUE = b"true"
 # Note: etcd refuses a transaction with more than 128 compares or operations (--max-txn-ops).
 MAX_TXN_OPS = 128
-WARM_UP_PAGE_KEYS = 10_000
-# A range holding more keys than this is read as sub-ranges, one per value of its next byte.
-WARM_UP_SPLIT_KEYS = 3 * WARM_UP_PAGE_KEYS
-WARM_UP_MAX_SPLIT_DEPTH = 2
-WARM_UP_READERS = 4
 # Note: a warm-up page of 10,000 keys of up to 256 characters nears gRPC's default 4 MiB cap.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # How soon a failed endpoint is tried again; pyetcd's own default is five minutes.
@@ -140,50 +136,46 @@ class EtcdStore:
     def warm_up(self) -> int:
         """Load every finished id under the prefix into memory, in pages of at most 10,000.
 
-        Every page is read at the revision of the first, so together they form one snapshot.
+        Every read names the revision of the first, so together they form one snapshot; see
+        svc/warmup.py for how the rest of the prefix is cut into ranges.
         """
         started = time.monotonic()
         prefix = self._prefix.encode()
         expiring: dict[int, list[str]] = {}  # record lease id -> ids it carries
-        first = self._read_page(prefix, pyetcd.utils.prefix_range_end(prefix), None, expiring)
+        first = self._read_page(prefix, warmup.prefix_end(prefix), None, expiring)
         revision = first.header.revision
-        if first.more:
-            # Note: etcd counts every key left in the range for each page it serves, so paging
-            # through a million keys one range costs minutes; sub-ranges by leading byte keep
-            # each count small. https://etcd.io/docs/v3.5/learning/api/#range
-            resume_at = first.kvs[-1].key + b"\0"
-            # Sub-ranges are independent: read a few at once, so etcd's cores share the work.
-            with ThreadPoolExecutor(WARM_UP_READERS, thread_name_prefix="warm-up") as readers:
-                reads = [
-                    readers.submit(
-                        self._read_range, max(low, resume_at), high, revision, expiring, 1
-                    )
-                    for low, high in _byte_ranges(prefix)
-                    if high > resume_at
-                ]
-                for read in reads:
-                    read.result()
+        warmup.read_rest(
+            prefix,
+            first,
+            read_page=lambda low, high: self._read_page(low, high, revision, expiring),
+            count=lambda ranges: self._count_keys(ranges, revision),
+        )
         self._schedule_forgetting(expiring)
         log.info(
             "warmed up %d ids from etcd in %.2f s", len(self._seen), time.monotonic() - started
         )
         return len(self._seen)
 
-    def _read_range(
-        self, start: bytes, end: bytes, revision: int, expiring: dict[int, list[str]], depth: int
-    ) -> None:
-        """Page through [start, end); split a crowded range by its next key byte."""
-        page = self._read_page(start, end, revision, expiring)
-        if page.more and depth < WARM_UP_MAX_SPLIT_DEPTH and page.count > WARM_UP_SPLIT_KEYS:
-            resume_at = page.kvs[-1].key + b"\0"
-            for low, high in _byte_ranges(start[: len(self._prefix.encode()) + depth]):
-                if high > resume_at and low < end:
-                    self._read_range(
-                        max(low, resume_at), min(high, end), revision, expiring, depth + 1
+    def _count_keys(self, ranges: Sequence[tuple[bytes, bytes]], revision: int) -> list[int]:
+        """How many keys each range holds at ``revision``: count-only reads, many per request."""
+        counts: list[int] = []
+        for chunk in _chunks(ranges, MAX_TXN_OPS):
+            reads = [
+                etcdrpc.RequestOp(
+                    request_range=etcdrpc.RangeRequest(
+                        key=low,
+                        range_end=high,
+                        revision=revision,
+                        count_only=True,
+                        # Any member may answer for a fixed revision: no consensus round trip.
+                        serializable=True,
                     )
-            return
-        while page.more and page.kvs:
-            page = self._read_page(page.kvs[-1].key + b"\0", end, revision, expiring)
+                )
+                for low, high in chunk
+            ]
+            reply = self._txn("warm-up count", etcdrpc.TxnRequest(success=reads))
+            counts.extend(r.response_range.count for r in reply.responses)
+        return counts
 
     def _read_page(
         self, start: bytes, end: bytes, revision: int | None, expiring: dict[int, list[str]]
@@ -193,7 +185,7 @@ class EtcdStore:
             self._client.get_range_response,
             start,
             end,
-            limit=WARM_UP_PAGE_KEYS,
+            limit=warmup.PAGE_KEYS,
             revision=revision,
             # Once the first page fixed the revision, any member may serve the rest of it
             # without a consensus round trip per page.
@@ -347,6 +339,26 @@ class EtcdStore:
                     if self._lease is lease:
                         self._lease = None
 
+    def _txn(self, what: str, request: Any) -> Any:
+        """Send a transaction built as protobuf messages; cheaper than pyetcd's op objects."""
+        client = self._client
+
+        def send() -> Any:
+            try:
+                return client.kvstub.Txn(
+                    request,
+                    client.timeout,
+                    credentials=client.call_credentials,
+                    metadata=client.metadata,
+                )
+            except grpc.RpcError as exc:
+                # As pyetcd's own calls do: mark the endpoint failed (failover) and raise its
+                # exception for the code.
+                client._manage_grpc_errors(exc)
+                raise
+
+        return self._call(what, send)
+
     def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return call(*args, **kwargs)
@@ -384,13 +396,6 @@ def open_store(settings: Settings) -> DedupStore:
 def _is_finished(value: bytes, lease_id: int) -> bool:
     # A key without a lease is a record whatever its value (e.g. written by hand or another tool).
     return value == DONE_VALUE or lease_id == 0
-
-
-def _byte_ranges(stem: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The 256 ranges [stem + b, stem + b + 1) that together cover every key under ``stem``."""
-    for byte in range(255):
-        yield stem + bytes([byte]), stem + bytes([byte + 1])
-    yield stem + b"\xff", pyetcd.utils.prefix_range_end(stem)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
