@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import os
 import platform
@@ -460,7 +461,16 @@ class Etcd:
             self.process.wait(timeout=20)
 
 
-def preload_ids(etcd: Etcd, service: str, count: int, threads: int = 4) -> float:
+def startup_id(shape: str, n: int) -> str:
+    """The n-th preloaded id: ``sequential`` share a long head, ``random`` differ at once."""
+    if shape == "sequential":
+        return f"preloaded-{n:09d}"
+    return hashlib.blake2b(n.to_bytes(8, "big"), digest_size=16).hexdigest()
+
+
+def preload_ids(
+    etcd: Etcd, service: str, count: int, shape: str = "sequential", threads: int = 4
+) -> float:
     """Write ``count`` finished ids under ``/service/<service>/``; return the seconds taken."""
     per_txn = 128  # etcd's --max-txn-ops default
     chunks = [(start, min(start + per_txn, count)) for start in range(0, count, per_txn)]
@@ -477,7 +487,7 @@ def preload_ids(etcd: Etcd, service: str, count: int, threads: int = 4) -> float
                         return
                     start, end = chunks.pop()
                 puts = [
-                    ops.put(f"/service/{service}/preloaded-{i:09d}", "true")
+                    ops.put(f"/service/{service}/{startup_id(shape, i)}", "true")
                     for i in range(start, end)
                 ]
                 client.transaction(compare=[], success=puts, failure=[])
@@ -1336,17 +1346,39 @@ def latency_run(ctx: Context) -> dict[str, float]:
 
 
 def startup_mode(ctx: Context) -> None:
+    rows = [startup_shape(ctx, shape) for shape in ctx.args.id_shapes.split(",")]
+    say("\nstart-up, process start -> 'consuming from', median (min-max); memory at that moment:")
+    print_table(
+        [
+            "config",
+            "runs",
+            "ids",
+            "start s",
+            "warm-up s",
+            "VmRSS MB",
+            "VmHWM MB",
+            "CPU s",
+            "etcd CPU s",
+            "goal",
+        ],
+        rows,
+    )
+
+
+def startup_shape(ctx: Context, shape: str) -> list[str]:
+    """Start-up runs with ``--ids`` ids of one shape preloaded; the table row of their medians."""
     args = ctx.args
-    name = ctx.fresh_name("startup")
+    name = ctx.fresh_name(f"startup-{shape[:3]}")
     say(
-        f"\n== start-up: svc dedup on with {args.ids:,} finished ids in etcd; {args.runs} run(s) =="
+        f"\n== start-up: svc dedup on with {args.ids:,} finished {shape} ids in etcd; "
+        f"{args.runs} run(s) =="
     )
     try:
-        seconds = preload_ids(ctx.etcd, name, args.ids)
+        seconds = preload_ids(ctx.etcd, name, args.ids, shape)
     except BenchError as error:
         ctx.failures.append(f"startup preload: {error}")
         say(f"  preload FAILED: {error}")
-        return
+        return [f"startup-{shape}", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", "-", ""]
     say(
         f"  preloaded {args.ids:,} ids in {seconds:.1f} s ({args.ids / seconds:,.0f} puts/s, "
         f"transactions of 128 on 4 threads)"
@@ -1355,10 +1387,12 @@ def startup_mode(ctx: Context) -> None:
     runs: list[dict[str, float]] = []
     for _ in range(args.runs):
         daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, False), "startup")
+        etcd_cpu_before = ctx.etcd.cpu_seconds()
         try:
             ready = daemon.wait_line(f"consuming from {name}-queue", 300)
             memory = daemon.memory_mb()
             cpu = daemon.cpu_seconds()
+            etcd_cpu = ctx.etcd.cpu_seconds() - etcd_cpu_before
             match = re.search(r"warmed up (\d+) ids from etcd in ([0-9.]+) s", daemon.log_text())
             code = daemon.stop()
             if code != 0:
@@ -1377,13 +1411,15 @@ def startup_mode(ctx: Context) -> None:
             "rss_mb": memory.get("VmRSS", 0.0),
             "hwm_mb": memory.get("VmHWM", 0.0),
             "cpu_s": cpu,
+            "etcd_cpu_s": etcd_cpu,
             "ids": float(args.ids),
         }
         runs.append(run)
-        ctx.samples.append({"mode": "startup", **run})
+        ctx.samples.append({"mode": "startup", "id_shape": shape, **run})
         say(
             f"  start {run['start_s']:.2f} s (warm-up {run['warm_up_s']:.2f} s), VmRSS "
-            f"{run['rss_mb']:.0f} MB, VmHWM {run['hwm_mb']:.0f} MB, cpu {cpu:.2f} s "
+            f"{run['rss_mb']:.0f} MB, VmHWM {run['hwm_mb']:.0f} MB, cpu {cpu:.2f} s, etcd cpu "
+            f"{etcd_cpu:.2f} s "
             f"(load {loadavg()})"
         )
     ctx.admin.delete(name)
@@ -1392,7 +1428,7 @@ def startup_mode(ctx: Context) -> None:
         hwm_med = median([r["hwm_mb"] for r in runs]) or 0.0
         goal = f"{GOALS['startup']}: {verdict(start_med <= 5 and hwm_med <= 200)}"
         row = [
-            "startup-on",
+            f"startup-{shape}",
             str(len(runs)),
             f"{args.ids:,}",
             median_spread([r["start_s"] for r in runs], "{:.2f}"),
@@ -1400,15 +1436,11 @@ def startup_mode(ctx: Context) -> None:
             median_spread([r["rss_mb"] for r in runs], "{:.0f}"),
             median_spread([r["hwm_mb"] for r in runs], "{:.0f}"),
             median_spread([r["cpu_s"] for r in runs], "{:.2f}"),
+            median_spread([r["etcd_cpu_s"] for r in runs], "{:.2f}"),
             goal,
         ]
-    else:
-        row = ["startup-on", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", ""]
-    say("\nstart-up, process start -> 'consuming from', median (min-max); memory at that moment:")
-    print_table(
-        ["config", "runs", "ids", "start s", "warm-up s", "VmRSS MB", "VmHWM MB", "CPU s", "goal"],
-        [row],
-    )
+        return row
+    return [f"startup-{shape}", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", "-", ""]
 
 
 def replicas_mode(ctx: Context) -> None:
@@ -1515,6 +1547,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-events", type=int, default=1000)
     parser.add_argument("--latency-interval-ms", type=float, default=20.0)
     parser.add_argument("--ids", type=int, default=1_000_000, help="ids preloaded for startup")
+    parser.add_argument(
+        "--id-shapes",
+        default="sequential,random",
+        help="startup: preloaded id shapes, sequential (preloaded-000000001...) "
+        "and/or random (32 hex digits)",
+    )
     parser.add_argument(
         "--replica-events",
         type=int,
