@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DONE_VALUE = b"true"
+_EQUAL = etcdrpc.Compare.EQUAL
+_VERSION = etcdrpc.Compare.VERSION
 # Note: etcd refuses a transaction with more than 128 compares or operations (--max-txn-ops).
 MAX_TXN_OPS = 128
 # Note: a warm-up page of 10,000 keys of up to 256 characters nears gRPC's default 4 MiB cap.
@@ -115,6 +117,7 @@ class EtcdStore:
         # (monotonic time the records expire, their ids), oldest first.
         self._expiries: deque[tuple[float, list[str]]] = deque()
         self._prefix = f"/service/{service}/"
+        self._prefix_bytes = self._prefix.encode()
         self._claim_ttl = claim_ttl
         self._token = f"claimed-by:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._seen: set[str] = set()
@@ -127,6 +130,10 @@ class EtcdStore:
     def key(self, event_id: str) -> str:
         # etcd keys are opaque bytes: "../x" stays a literal suffix under the prefix.
         return self._prefix + event_id
+
+    def _key_bytes(self, event_id: str) -> bytes:
+        # Decoding rejected lone surrogates, so every id encodes.
+        return self._prefix_bytes + event_id.encode()
 
     def is_known(self, event_id: str) -> bool:
         if self._expiries and self._expiries[0][0] <= time.monotonic():
@@ -212,33 +219,42 @@ class EtcdStore:
         return verdicts
 
     def _claim_chunk(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
-        txn = self._client.transactions
         verdicts: dict[str, Verdict] = {}
         remaining = list(event_ids)
+        token = self._token.encode()
         while remaining:
             lease = self._current_lease()
-            keys = [self.key(i) for i in remaining]
-            won, responses = self._call(
-                "claim",
-                self._client.transaction,
+            keys = [self._key_bytes(i) for i in remaining]
+            request = etcdrpc.TxnRequest(
                 # version == 0: the key does not exist, so nobody claimed or finished the id.
-                compare=[txn.version(k) == 0 for k in keys],
-                success=[txn.put(k, self._token, lease=lease) for k in keys],
+                compare=[
+                    etcdrpc.Compare(key=k, result=_EQUAL, target=_VERSION, version=0) for k in keys
+                ],
+                success=[
+                    etcdrpc.RequestOp(
+                        request_put=etcdrpc.PutRequest(key=k, value=token, lease=lease)
+                    )
+                    for k in keys
+                ],
                 # On failure, read every key back: one round trip tells which ids exist.
-                failure=[txn.get(k) for k in keys],
+                failure=[
+                    etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k)) for k in keys
+                ],
             )
-            if won:
+            reply = self._txn("claim", request)
+            if reply.succeeded:
                 verdicts.update(dict.fromkeys(remaining, Verdict.NEW))
                 break
             absent = []
-            for event_id, found in zip(remaining, responses, strict=True):
+            for event_id, response in zip(remaining, reply.responses, strict=True):
+                found = response.response_range.kvs
                 if not found:
                     absent.append(event_id)  # gone since the compare, or never there: try again
                     continue
-                value, meta = found[0]
-                if value == self._token.encode():
+                value, lease_id = found[0].value, found[0].lease
+                if value == token:
                     verdicts[event_id] = Verdict.NEW  # ours, from before a reconnect
-                elif _is_finished(value, meta.lease_id):
+                elif _is_finished(value, lease_id):
                     verdicts[event_id] = Verdict.DONE
                 else:
                     verdicts[event_id] = Verdict.BUSY
@@ -247,13 +263,19 @@ class EtcdStore:
 
     def record(self, event_ids: Sequence[str]) -> None:
         """Mark ids as finished: value ``true`` with no lease, so the record outlives us."""
-        txn = self._client.transactions
-        lease, expires_at = self._record_lease() if self._record_ttl else (None, 0.0)
+        lease, expires_at = self._record_lease() if self._record_ttl else (0, 0.0)
         for chunk in _chunks(event_ids, MAX_TXN_OPS):
-            puts = [txn.put(self.key(i), DONE_VALUE, lease=lease) for i in chunk]
-            self._call("record", self._client.transaction, compare=[], success=puts, failure=[])
+            puts = [
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(
+                        key=self._key_bytes(i), value=DONE_VALUE, lease=lease
+                    )
+                )
+                for i in chunk
+            ]
+            self._txn("record", etcdrpc.TxnRequest(success=puts))
         self._seen.update(event_ids)
-        if lease is not None:
+        if lease:
             self._expiries.append((expires_at, list(event_ids)))
 
     def _record_lease(self) -> tuple[int, float]:
