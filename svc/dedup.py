@@ -236,15 +236,14 @@ class EtcdStore:
                     )
                     for k in keys
                 ],
-                # On failure, read every key back: one round trip tells which ids exist.
-                failure=[
-                    etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k)) for k in keys
-                ],
             )
-            reply = self._txn("claim", request)
-            if reply.succeeded:
+            if self._txn("claim", request).succeeded:
                 verdicts.update(dict.fromkeys(remaining, Verdict.NEW))
                 break
+            # Some ids exist: read them all back in one round trip. Not as the claim's failure
+            # branch: etcd writes a transaction's every branch to its log, so each claim would.
+            reads = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k)) for k in keys]
+            reply = self._txn("claim read-back", etcdrpc.TxnRequest(success=reads))
             absent = []
             for event_id, response in zip(remaining, reply.responses, strict=True):
                 found = response.response_range.kvs
