@@ -152,6 +152,21 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return found
 
 
+def broker_cpu_seconds() -> float:
+    """CPU seconds of the local RabbitMQ node (every beam.smp process), or 0 if none is seen.
+
+    The broker is shared: other traffic on it during a run counts too.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if "(beam.smp)" in stat.read_text():
+                total += proc_cpu_seconds(int(stat.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return total
+
+
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -850,6 +865,7 @@ def run_svc(
     ready = f"consuming from {queue}" if ready_line == "" else ready_line
     tracker = ctx.statsd.track([f"{name}_new_order_ok", f"{name}_new_order_skipped"])
     etcd_cpu_before = ctx.etcd.cpu_seconds()
+    broker_cpu_before = broker_cpu_seconds()
     env = svc_env(ctx, name, dedup, log_events)
     daemons = [start_daemon(ctx, argv or svc_argv(), env, f"{config}-{r}") for r in range(replicas)]
     try:
@@ -862,6 +878,7 @@ def run_svc(
         cpu = sum(d.cpu_seconds() for d in daemons)
         rss = max(d.memory_mb().get("VmHWM", 0.0) for d in daemons)
         etcd_cpu = ctx.etcd.cpu_seconds() - etcd_cpu_before
+        broker_cpu = broker_cpu_seconds() - broker_cpu_before
         for daemon in daemons:
             code = daemon.stop()
             if code != 0:
@@ -869,7 +886,10 @@ def run_svc(
     finally:
         for daemon in daemons:
             daemon.kill()
-    extra: dict[str, Any] = {"ready_skew_s": max(ready_at) - min(ready_at)}
+    extra: dict[str, Any] = {
+        "ready_skew_s": max(ready_at) - min(ready_at),
+        "broker_cpu_s": broker_cpu,
+    }
     if not ready:
         note = (note + "; " if note else "") + "timed from process start"
     return Sample(
@@ -1488,13 +1508,14 @@ def replicas_mode(ctx: Context) -> None:
                 median_spread([s.cpu_s for s in samples], "{:.2f}"),
                 median_spread([s.rss_mb for s in samples], "{:.0f}"),
                 median_spread([s.etcd_cpu_s or 0.0 for s in samples], "{:.2f}"),
+                median_spread([s.extra.get("broker_cpu_s", 0.0) for s in samples], "{:.2f}"),
                 median_spread(skews, "{:.2f}") if config.key != "replicas-1" else "-",
                 goal,
             ]
         )
     say(
         "\nreplicas, drain from the first replica's 'consuming from', median (min-max); "
-        "CPU s summed over replicas, peak RSS of the larger:"
+        "CPU s summed over replicas, peak RSS of the larger; broker CPU counts all its traffic:"
     )
     print_table(
         [
@@ -1506,6 +1527,7 @@ def replicas_mode(ctx: Context) -> None:
             "CPU s",
             "peak RSS MB",
             "etcd CPU s",
+            "broker CPU s",
             "ready skew s",
             "goal",
         ],
