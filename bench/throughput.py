@@ -38,11 +38,14 @@ Modes (``--mode``, comma-separated, or ``all``):
 ``startup``
     Preloads ``--ids`` finished ids ``/service/<name>/<id> = true`` into etcd (transactions of
     128 puts on several threads), then times ``python -m svc`` with ENABLE_ETCD=true from
-    process start to ``consuming from``, and reads its VmRSS and VmHWM at that moment.
+    process start to ``consuming from``, and reads its VmRSS and VmHWM at that moment, and the
+    CPU svc and etcd spent until then. Once per shape in ``--id-shapes``: ``sequential``
+    (``preloaded-000000001``...) and ``random`` (32 hex digits).
 
 ``replicas``
     Drain time of one pre-published queue by 1 and by 2 replicas of svc (dedup on, one service
-    name), timed from the first replica's ``consuming from``.
+    name), timed from the first replica's ``consuming from``, with the CPU of the replicas, of
+    etcd and of the RabbitMQ node (which counts all of the broker's traffic).
 
 Goals are printed next to the figures, never asserted: the machine is shared and noisy, so
 every figure is a median of ``--runs`` runs with its min-max spread. ``--smoke`` runs a tiny
