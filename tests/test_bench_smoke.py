@@ -60,5 +60,9 @@ def test_smoke_prints_a_positive_row_for_every_configuration(tmp_path: Path) -> 
 
     samples = json.loads(samples_path.read_text())
     assert {s["mode"] for s in samples} >= {
-        "throughput-distinct", "throughput-repeats", "latency", "startup", "replicas"
+        "throughput-distinct",
+        "throughput-repeats",
+        "latency",
+        "startup",
+        "replicas",
     }
