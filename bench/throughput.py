@@ -38,11 +38,14 @@ Modes (``--mode``, comma-separated, or ``all``):
 ``startup``
     Preloads ``--ids`` finished ids ``/service/<name>/<id> = true`` into etcd (transactions of
     128 puts on several threads), then times ``python -m svc`` with ENABLE_ETCD=true from
-    process start to ``consuming from``, and reads its VmRSS and VmHWM at that moment.
+    process start to ``consuming from``, and reads its VmRSS and VmHWM at that moment, and the
+    CPU svc and etcd spent until then. Once per shape in ``--id-shapes``: ``sequential``
+    (``preloaded-000000001``...) and ``random`` (32 hex digits).
 
 ``replicas``
     Drain time of one pre-published queue by 1 and by 2 replicas of svc (dedup on, one service
-    name), timed from the first replica's ``consuming from``.
+    name), timed from the first replica's ``consuming from``, with the CPU of the replicas, of
+    etcd and of the RabbitMQ node (which counts all of the broker's traffic).
 
 Goals are printed next to the figures, never asserted: the machine is shared and noisy, so
 every figure is a median of ``--runs`` runs with its min-max spread. ``--smoke`` runs a tiny
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import os
 import platform
@@ -151,6 +155,21 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return found
 
 
+def broker_cpu_seconds() -> float:
+    """CPU seconds of the local RabbitMQ node (every beam.smp process), or 0 if none is seen.
+
+    The broker is shared: other traffic on it during a run counts too.
+    """
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if "(beam.smp)" in stat.read_text():
+                total += proc_cpu_seconds(int(stat.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return total
+
+
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -173,8 +192,9 @@ def median(values: Sequence[float]) -> float | None:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in
-              enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     say("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     say("  ".join("-" * w for w in widths))
     for row in rows:
@@ -224,8 +244,14 @@ class Vhost:
     def queue_depth(self, queue: str) -> tuple[int, int]:
         """(ready, unacknowledged) of a queue, as the broker reports them."""
         out = rabbitmqctl(
-            "list_queues", "-p", self.name, "--quiet", "--no-table-headers",
-            "name", "messages_ready", "messages_unacknowledged",
+            "list_queues",
+            "-p",
+            self.name,
+            "--quiet",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
         )
         for line in out.splitlines():
             fields = line.split("\t")
@@ -374,18 +400,29 @@ class Etcd:
                 self.process = subprocess.Popen(
                     [
                         self.binary,
-                        "--name", "bench",
-                        "--data-dir", str(self.base / f"etcd-{self.port}"),
-                        "--listen-client-urls", client_url,
-                        "--advertise-client-urls", client_url,
-                        "--listen-peer-urls", peer_url,
-                        "--initial-advertise-peer-urls", peer_url,
-                        "--initial-cluster", f"bench={peer_url}",
+                        "--name",
+                        "bench",
+                        "--data-dir",
+                        str(self.base / f"etcd-{self.port}"),
+                        "--listen-client-urls",
+                        client_url,
+                        "--advertise-client-urls",
+                        client_url,
+                        "--listen-peer-urls",
+                        peer_url,
+                        "--initial-advertise-peer-urls",
+                        peer_url,
+                        "--initial-cluster",
+                        f"bench={peer_url}",
                         # Room for a million preloaded ids plus every run's records.
-                        "--quota-backend-bytes", str(8 * 1024**3),
-                        "--log-level", "warn",
+                        "--quota-backend-bytes",
+                        str(8 * 1024**3),
+                        "--log-level",
+                        "warn",
                     ],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                 )
             if self._healthy(60):
                 return
@@ -442,7 +479,16 @@ class Etcd:
             self.process.wait(timeout=20)
 
 
-def preload_ids(etcd: Etcd, service: str, count: int, threads: int = 4) -> float:
+def startup_id(shape: str, n: int) -> str:
+    """The n-th preloaded id: ``sequential`` share a long head, ``random`` differ at once."""
+    if shape == "sequential":
+        return f"preloaded-{n:09d}"
+    return hashlib.blake2b(n.to_bytes(8, "big"), digest_size=16).hexdigest()
+
+
+def preload_ids(
+    etcd: Etcd, service: str, count: int, shape: str = "sequential", threads: int = 4
+) -> float:
     """Write ``count`` finished ids under ``/service/<service>/``; return the seconds taken."""
     per_txn = 128  # etcd's --max-txn-ops default
     chunks = [(start, min(start + per_txn, count)) for start in range(0, count, per_txn)]
@@ -459,7 +505,7 @@ def preload_ids(etcd: Etcd, service: str, count: int, threads: int = 4) -> float
                         return
                     start, end = chunks.pop()
                 puts = [
-                    ops.put(f"/service/{service}/preloaded-{i:09d}", "true")
+                    ops.put(f"/service/{service}/{startup_id(shape, i)}", "true")
                     for i in range(start, end)
                 ]
                 client.transaction(compare=[], success=puts, failure=[])
@@ -588,8 +634,12 @@ class Daemon:
         with open(self.log_path, "wb") as log:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.cwd,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         return self
 
@@ -755,9 +805,7 @@ def svc_argv(profile_to: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "svc"]
 
 
-def start_daemon(
-    ctx: Context, argv: Sequence[str], env: dict[str, str], label: str
-) -> Daemon:
+def start_daemon(ctx: Context, argv: Sequence[str], env: dict[str, str], label: str) -> Daemon:
     cwd = ctx.workdir / "cwd"  # no .env here: only the settings given are read
     cwd.mkdir(exist_ok=True)
     daemon = Daemon(argv, env, ctx.workdir / f"{label}-{len(ctx.daemons)}.log", cwd)
@@ -820,10 +868,9 @@ def run_svc(
     ready = f"consuming from {queue}" if ready_line == "" else ready_line
     tracker = ctx.statsd.track([f"{name}_new_order_ok", f"{name}_new_order_skipped"])
     etcd_cpu_before = ctx.etcd.cpu_seconds()
+    broker_cpu_before = broker_cpu_seconds()
     env = svc_env(ctx, name, dedup, log_events)
-    daemons = [
-        start_daemon(ctx, argv or svc_argv(), env, f"{config}-{r}") for r in range(replicas)
-    ]
+    daemons = [start_daemon(ctx, argv or svc_argv(), env, f"{config}-{r}") for r in range(replicas)]
     try:
         if ready:
             ready_at = wait_lines(daemons, ready, 300)
@@ -834,6 +881,7 @@ def run_svc(
         cpu = sum(d.cpu_seconds() for d in daemons)
         rss = max(d.memory_mb().get("VmHWM", 0.0) for d in daemons)
         etcd_cpu = ctx.etcd.cpu_seconds() - etcd_cpu_before
+        broker_cpu = broker_cpu_seconds() - broker_cpu_before
         for daemon in daemons:
             code = daemon.stop()
             if code != 0:
@@ -841,22 +889,47 @@ def run_svc(
     finally:
         for daemon in daemons:
             daemon.kill()
-    extra: dict[str, Any] = {"ready_skew_s": max(ready_at) - min(ready_at)}
+    extra: dict[str, Any] = {
+        "ready_skew_s": max(ready_at) - min(ready_at),
+        "broker_cpu_s": broker_cpu,
+    }
     if not ready:
         note = (note + "; " if note else "") + "timed from process start"
     return Sample(
-        config, events, ended - began, cpu, rss,
+        config,
+        events,
+        ended - began,
+        cpu,
+        rss,
         start_s=ready_at[0] - daemons[0].started_at if ready else None,
-        etcd_cpu_s=etcd_cpu if dedup else None, note=note, extra=extra,
+        etcd_cpu_s=etcd_cpu if dedup else None,
+        note=note,
+        extra=extra,
     )
 
 
 def run_reference(ctx: Context, config: str, name: str, events: int, ack: str) -> Sample:
     argv = [
-        sys.executable, str(REFERENCE),
-        "--url", ctx.vhost.url(), "--queue", f"{name}-queue", "--count", str(events),
-        "--ack", ack, "--ack-every", "100", "--prefetch", str(max(ctx.args.prefetch, 100)),
-        "--name", name, "--statsd-host", "127.0.0.1", "--statsd-port", str(ctx.statsd.port),
+        sys.executable,
+        str(REFERENCE),
+        "--url",
+        ctx.vhost.url(),
+        "--queue",
+        f"{name}-queue",
+        "--count",
+        str(events),
+        "--ack",
+        ack,
+        "--ack-every",
+        "100",
+        "--prefetch",
+        str(max(ctx.args.prefetch, 100)),
+        "--name",
+        name,
+        "--statsd-host",
+        "127.0.0.1",
+        "--statsd-port",
+        str(ctx.statsd.port),
     ]
     timeout = 120 + events / 200
     done = subprocess.run(
@@ -872,8 +945,12 @@ def run_reference(ctx: Context, config: str, name: str, events: int, ack: str) -
     )
     note = "" if counted >= events else f"statsd got {counted}/{events} packets"
     return Sample(
-        config, int(report["count"]), float(report["elapsed_s"]), float(report["cpu_s"]),
-        float(report["peak_rss_mb"]), note=note,
+        config,
+        int(report["count"]),
+        float(report["elapsed_s"]),
+        float(report["cpu_s"]),
+        float(report["peak_rss_mb"]),
+        note=note,
         extra={"ok": report["ok"], "skipped": report["skipped"]},
     )
 
@@ -901,9 +978,7 @@ def make_ids(events: int, repeat_fraction: float, seed: int) -> list[str]:
 
 
 def bodies_for(ids: Sequence[str]) -> list[bytes]:
-    return [
-        json.dumps({"type": "new_order", "id": i}, separators=(",", ":")).encode() for i in ids
-    ]
+    return [json.dumps({"type": "new_order", "id": i}, separators=(",", ":")).encode() for i in ids]
 
 
 # --- modes ------------------------------------------------------------------------------------
@@ -919,37 +994,75 @@ class Config:
 
 def throughput_configs(args: argparse.Namespace, full: bool) -> list[Config]:
     configs = [
-        Config("ref-multi", "reference, basic_ack(multiple=True) every 100",
-               lambda c, n, e: run_reference(c, "ref-multi", n, e, "multiple")),
+        Config(
+            "ref-multi",
+            "reference, basic_ack(multiple=True) every 100",
+            lambda c, n, e: run_reference(c, "ref-multi", n, e, "multiple"),
+        ),
     ]
     if full:
         configs += [
-            Config("ref-each", "reference, one basic_ack per delivery",
-                   lambda c, n, e: run_reference(c, "ref-each", n, e, "each")),
-            Config("ref-noack", "reference, auto_ack (no acks; unsafe)",
-                   lambda c, n, e: run_reference(c, "ref-noack", n, e, "none")),
+            Config(
+                "ref-each",
+                "reference, one basic_ack per delivery",
+                lambda c, n, e: run_reference(c, "ref-each", n, e, "each"),
+            ),
+            Config(
+                "ref-noack",
+                "reference, auto_ack (no acks; unsafe)",
+                lambda c, n, e: run_reference(c, "ref-noack", n, e, "none"),
+            ),
         ]
     configs += [
-        Config("svc-off", "python -m svc, ENABLE_ETCD=false",
-               lambda c, n, e: run_svc(c, "svc-off", n, e, dedup=False)),
-        Config("svc-on", "python -m svc, ENABLE_ETCD=true",
-               lambda c, n, e: run_svc(c, "svc-on", n, e, dedup=True)),
+        Config(
+            "svc-off",
+            "python -m svc, ENABLE_ETCD=false",
+            lambda c, n, e: run_svc(c, "svc-off", n, e, dedup=False),
+        ),
+        Config(
+            "svc-on",
+            "python -m svc, ENABLE_ETCD=true",
+            lambda c, n, e: run_svc(c, "svc-on", n, e, dedup=True),
+        ),
     ]
     if full:
         configs.append(
-            Config("svc-on-logs", "python -m svc, ENABLE_ETCD=true, LOG_EVENTS=true",
-                   lambda c, n, e: run_svc(c, "svc-on-logs", n, e, dedup=True, log_events=True),
-                   rounds=1)
+            Config(
+                "svc-on-logs",
+                "python -m svc, ENABLE_ETCD=true, LOG_EVENTS=true",
+                lambda c, n, e: run_svc(c, "svc-on-logs", n, e, dedup=True, log_events=True),
+                rounds=1,
+            )
         )
     go_bin = os.environ.get("GO_SVC_BIN")
     if go_bin:
         configs += [
-            Config("go-off", f"Go service {go_bin}, ENABLE_ETCD=false",
-                   lambda c, n, e: run_svc(c, "go-off", n, e, dedup=False, argv=[go_bin],
-                                           ready_line=os.environ.get("GO_SVC_READY"))),
-            Config("go-on", f"Go service {go_bin}, ENABLE_ETCD=true",
-                   lambda c, n, e: run_svc(c, "go-on", n, e, dedup=True, argv=[go_bin],
-                                           ready_line=os.environ.get("GO_SVC_READY"))),
+            Config(
+                "go-off",
+                f"Go service {go_bin}, ENABLE_ETCD=false",
+                lambda c, n, e: run_svc(
+                    c,
+                    "go-off",
+                    n,
+                    e,
+                    dedup=False,
+                    argv=[go_bin],
+                    ready_line=os.environ.get("GO_SVC_READY"),
+                ),
+            ),
+            Config(
+                "go-on",
+                f"Go service {go_bin}, ENABLE_ETCD=true",
+                lambda c, n, e: run_svc(
+                    c,
+                    "go-on",
+                    n,
+                    e,
+                    dedup=True,
+                    argv=[go_bin],
+                    ready_line=os.environ.get("GO_SVC_READY"),
+                ),
+            ),
         ]
     return configs
 
@@ -1002,7 +1115,8 @@ def throughput_mode(ctx: Context) -> None:
             wanted = {key.strip() for key in args.only.split(",")}
             configs = [c for c in configs if c.key in wanted]
         what = (
-            f"{args.events:,} distinct ids" if not fraction
+            f"{args.events:,} distinct ids"
+            if not fraction
             else f"{args.events:,} events, {fraction:.0%} of them repeat an earlier id "
             f"({len(set(ids)):,} distinct)"
         )
@@ -1039,21 +1153,33 @@ def print_throughput_table(
             goal = f"{GOALS['svc-off']}: {verdict(ratio is not None and ratio >= 0.75)}"
         starts = [s.start_s for s in samples if s.start_s is not None]
         etcd_cpu = [s.etcd_cpu_s for s in samples if s.etcd_cpu_s is not None]
-        rows.append([
-            config.key,
-            str(len(samples)),
-            median_spread([s.rate for s in samples]) if samples else "FAILED",
-            f"{ratio:.2f}" if ratio is not None else "-",
-            median_spread([s.seconds for s in samples], "{:.2f}"),
-            median_spread([s.cpu_s for s in samples], "{:.2f}"),
-            median_spread([s.rss_mb for s in samples], "{:.0f}"),
-            median_spread(starts, "{:.2f}") if starts else "-",
-            median_spread(etcd_cpu, "{:.2f}") if etcd_cpu else "-",
-            goal,
-        ])
+        rows.append(
+            [
+                config.key,
+                str(len(samples)),
+                median_spread([s.rate for s in samples]) if samples else "FAILED",
+                f"{ratio:.2f}" if ratio is not None else "-",
+                median_spread([s.seconds for s in samples], "{:.2f}"),
+                median_spread([s.cpu_s for s in samples], "{:.2f}"),
+                median_spread([s.rss_mb for s in samples], "{:.0f}"),
+                median_spread(starts, "{:.2f}") if starts else "-",
+                median_spread(etcd_cpu, "{:.2f}") if etcd_cpu else "-",
+                goal,
+            ]
+        )
     print_table(
-        ["config", "runs", "events/s", "vs ref", "drain s", "CPU s", "peak RSS MB",
-         "start s", "etcd CPU s", "goal"],
+        [
+            "config",
+            "runs",
+            "events/s",
+            "vs ref",
+            "drain s",
+            "CPU s",
+            "peak RSS MB",
+            "start s",
+            "etcd CPU s",
+            "goal",
+        ],
         rows,
     )
     say("rows: " + "; ".join(f"{c.key} = {c.what}" for c in configs))
@@ -1063,7 +1189,8 @@ def profile_run(ctx: Context, bodies: Sequence[bytes]) -> None:
     """One more svc dedup-on drain under cProfile (not in the table); print the top functions."""
     out = ctx.workdir / "svc-on.prof"
     config = Config(
-        "svc-on-prof", "python -m cProfile -m svc, ENABLE_ETCD=true",
+        "svc-on-prof",
+        "python -m cProfile -m svc, ENABLE_ETCD=true",
         lambda c, n, e: run_svc(c, "svc-on-prof", n, e, dedup=True, argv=svc_argv(out)),
     )
     say("\n== profile: one svc dedup-on drain under cProfile (slower; not in the tables) ==")
@@ -1109,14 +1236,17 @@ def latency_mode(ctx: Context) -> None:
     rows = []
     if results:
         p99 = median([r["p99_ms"] for r in results])
-        rows.append([
-            "latency-on", str(len(results)),
-            median_spread([r["p50_ms"] for r in results], "{:.2f}"),
-            median_spread([r["p90_ms"] for r in results], "{:.2f}"),
-            median_spread([r["p99_ms"] for r in results], "{:.2f}"),
-            median_spread([r["max_ms"] for r in results], "{:.2f}"),
-            f"{GOALS['latency']}: {verdict(p99 is not None and p99 <= 10)}",
-        ])
+        rows.append(
+            [
+                "latency-on",
+                str(len(results)),
+                median_spread([r["p50_ms"] for r in results], "{:.2f}"),
+                median_spread([r["p90_ms"] for r in results], "{:.2f}"),
+                median_spread([r["p99_ms"] for r in results], "{:.2f}"),
+                median_spread([r["max_ms"] for r in results], "{:.2f}"),
+                f"{GOALS['latency']}: {verdict(p99 is not None and p99 <= 10)}",
+            ]
+        )
     else:
         rows.append(["latency-on", "0", "FAILED", "-", "-", "-", ""])
     say(
@@ -1225,35 +1355,67 @@ def latency_run(ctx: Context) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
 
     return {
-        "p50_ms": pct(latencies, 0.50), "p90_ms": pct(latencies, 0.90),
-        "p99_ms": pct(latencies, 0.99), "max_ms": max(latencies) * 1000,
-        "to_claim_p50_ms": pct(to_claim, 0.5), "to_claim_p99_ms": pct(to_claim, 0.99),
+        "p50_ms": pct(latencies, 0.50),
+        "p90_ms": pct(latencies, 0.90),
+        "p99_ms": pct(latencies, 0.99),
+        "max_ms": max(latencies) * 1000,
+        "to_claim_p50_ms": pct(to_claim, 0.5),
+        "to_claim_p99_ms": pct(to_claim, 0.99),
         "claim_to_record_p50_ms": pct(claim_to_record, 0.5),
         "claim_to_record_p99_ms": pct(claim_to_record, 0.99),
-        "cpu_s": cpu, "events": float(len(latencies)),
+        "cpu_s": cpu,
+        "events": float(len(latencies)),
     }
 
 
 def startup_mode(ctx: Context) -> None:
+    rows = [startup_shape(ctx, shape) for shape in ctx.args.id_shapes.split(",")]
+    say("\nstart-up, process start -> 'consuming from', median (min-max); memory at that moment:")
+    print_table(
+        [
+            "config",
+            "runs",
+            "ids",
+            "start s",
+            "warm-up s",
+            "VmRSS MB",
+            "VmHWM MB",
+            "CPU s",
+            "etcd CPU s",
+            "goal",
+        ],
+        rows,
+    )
+
+
+def startup_shape(ctx: Context, shape: str) -> list[str]:
+    """Start-up runs with ``--ids`` ids of one shape preloaded; the table row of their medians."""
     args = ctx.args
-    name = ctx.fresh_name("startup")
-    say(f"\n== start-up: svc dedup on with {args.ids:,} finished ids in etcd; {args.runs} run(s) ==")
+    name = ctx.fresh_name(f"startup-{shape[:3]}")
+    say(
+        f"\n== start-up: svc dedup on with {args.ids:,} finished {shape} ids in etcd; "
+        f"{args.runs} run(s) =="
+    )
     try:
-        seconds = preload_ids(ctx.etcd, name, args.ids)
+        seconds = preload_ids(ctx.etcd, name, args.ids, shape)
     except BenchError as error:
         ctx.failures.append(f"startup preload: {error}")
         say(f"  preload FAILED: {error}")
-        return
-    say(f"  preloaded {args.ids:,} ids in {seconds:.1f} s ({args.ids / seconds:,.0f} puts/s, "
-        f"transactions of 128 on 4 threads)")
+        return [f"startup-{shape}", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", "-", ""]
+    say(
+        f"  preloaded {args.ids:,} ids in {seconds:.1f} s ({args.ids / seconds:,.0f} puts/s, "
+        f"transactions of 128 on 4 threads)"
+    )
     ctx.admin.prepare(name)
     runs: list[dict[str, float]] = []
     for _ in range(args.runs):
         daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, False), "startup")
+        etcd_cpu_before = ctx.etcd.cpu_seconds()
         try:
             ready = daemon.wait_line(f"consuming from {name}-queue", 300)
             memory = daemon.memory_mb()
             cpu = daemon.cpu_seconds()
+            etcd_cpu = ctx.etcd.cpu_seconds() - etcd_cpu_before
             match = re.search(r"warmed up (\d+) ids from etcd in ([0-9.]+) s", daemon.log_text())
             code = daemon.stop()
             if code != 0:
@@ -1267,15 +1429,20 @@ def startup_mode(ctx: Context) -> None:
         finally:
             daemon.kill()
         run = {
-            "start_s": ready - daemon.started_at, "warm_up_s": float(match[2]),
-            "rss_mb": memory.get("VmRSS", 0.0), "hwm_mb": memory.get("VmHWM", 0.0),
-            "cpu_s": cpu, "ids": float(args.ids),
+            "start_s": ready - daemon.started_at,
+            "warm_up_s": float(match[2]),
+            "rss_mb": memory.get("VmRSS", 0.0),
+            "hwm_mb": memory.get("VmHWM", 0.0),
+            "cpu_s": cpu,
+            "etcd_cpu_s": etcd_cpu,
+            "ids": float(args.ids),
         }
         runs.append(run)
-        ctx.samples.append({"mode": "startup", **run})
+        ctx.samples.append({"mode": "startup", "id_shape": shape, **run})
         say(
             f"  start {run['start_s']:.2f} s (warm-up {run['warm_up_s']:.2f} s), VmRSS "
-            f"{run['rss_mb']:.0f} MB, VmHWM {run['hwm_mb']:.0f} MB, cpu {cpu:.2f} s "
+            f"{run['rss_mb']:.0f} MB, VmHWM {run['hwm_mb']:.0f} MB, cpu {cpu:.2f} s, etcd cpu "
+            f"{etcd_cpu:.2f} s "
             f"(load {loadavg()})"
         )
     ctx.admin.delete(name)
@@ -1284,30 +1451,30 @@ def startup_mode(ctx: Context) -> None:
         hwm_med = median([r["hwm_mb"] for r in runs]) or 0.0
         goal = f"{GOALS['startup']}: {verdict(start_med <= 5 and hwm_med <= 200)}"
         row = [
-            "startup-on", str(len(runs)), f"{args.ids:,}",
+            f"startup-{shape}",
+            str(len(runs)),
+            f"{args.ids:,}",
             median_spread([r["start_s"] for r in runs], "{:.2f}"),
             median_spread([r["warm_up_s"] for r in runs], "{:.2f}"),
             median_spread([r["rss_mb"] for r in runs], "{:.0f}"),
             median_spread([r["hwm_mb"] for r in runs], "{:.0f}"),
             median_spread([r["cpu_s"] for r in runs], "{:.2f}"),
+            median_spread([r["etcd_cpu_s"] for r in runs], "{:.2f}"),
             goal,
         ]
-    else:
-        row = ["startup-on", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", ""]
-    say("\nstart-up, process start -> 'consuming from', median (min-max); memory at that moment:")
-    print_table(
-        ["config", "runs", "ids", "start s", "warm-up s", "VmRSS MB", "VmHWM MB", "CPU s",
-         "goal"],
-        [row],
-    )
+        return row
+    return [f"startup-{shape}", "0", f"{args.ids:,}", "FAILED", "-", "-", "-", "-", "-", ""]
 
 
 def replicas_mode(ctx: Context) -> None:
     args = ctx.args
     events = args.replica_events
     bodies = bodies_for(make_ids(events, 0.0, seed=2))
-    say(f"\n== replicas: {events:,} distinct events drained by 1 and by 2 svc replicas (dedup on,"
-        f" one service name); {args.runs} run(s) each, interleaved ==")
+    say(
+        f"\n== replicas: {events:,} distinct events drained by 1 and by 2 svc replicas (dedup on,"
+        f" one service name); {args.runs} run(s) each, interleaved =="
+    )
+
     def with_replicas(count: int) -> Callable[[Context, str, int], Sample]:
         return lambda c, name, e: run_svc(
             c, f"replicas-{count}", name, e, dedup=True, replicas=count
@@ -1334,22 +1501,39 @@ def replicas_mode(ctx: Context) -> None:
         if config.key == "replicas-2" and ratio is not None:
             goal = f"{GOALS['replicas']}: {verdict(ratio >= 1.3)}"
         skews = [s.extra.get("ready_skew_s", 0.0) for s in samples]
-        rows.append([
-            config.key, str(len(samples)),
-            median_spread([s.rate for s in samples]) if samples else "FAILED",
-            f"{ratio:.2f}" if ratio is not None else "-",
-            median_spread([s.seconds for s in samples], "{:.2f}"),
-            median_spread([s.cpu_s for s in samples], "{:.2f}"),
-            median_spread([s.rss_mb for s in samples], "{:.0f}"),
-            median_spread([s.etcd_cpu_s or 0.0 for s in samples], "{:.2f}"),
-            median_spread(skews, "{:.2f}") if config.key != "replicas-1" else "-",
-            goal,
-        ])
-    say("\nreplicas, drain from the first replica's 'consuming from', median (min-max); "
-        "CPU s summed over replicas, peak RSS of the larger:")
+        rows.append(
+            [
+                config.key,
+                str(len(samples)),
+                median_spread([s.rate for s in samples]) if samples else "FAILED",
+                f"{ratio:.2f}" if ratio is not None else "-",
+                median_spread([s.seconds for s in samples], "{:.2f}"),
+                median_spread([s.cpu_s for s in samples], "{:.2f}"),
+                median_spread([s.rss_mb for s in samples], "{:.0f}"),
+                median_spread([s.etcd_cpu_s or 0.0 for s in samples], "{:.2f}"),
+                median_spread([s.extra.get("broker_cpu_s", 0.0) for s in samples], "{:.2f}"),
+                median_spread(skews, "{:.2f}") if config.key != "replicas-1" else "-",
+                goal,
+            ]
+        )
+    say(
+        "\nreplicas, drain from the first replica's 'consuming from', median (min-max); "
+        "CPU s summed over replicas, peak RSS of the larger; broker CPU counts all its traffic:"
+    )
     print_table(
-        ["config", "runs", "events/s", "vs 1", "drain s", "CPU s", "peak RSS MB", "etcd CPU s",
-         "ready skew s", "goal"],
+        [
+            "config",
+            "runs",
+            "events/s",
+            "vs 1",
+            "drain s",
+            "CPU s",
+            "peak RSS MB",
+            "etcd CPU s",
+            "broker CPU s",
+            "ready skew s",
+            "goal",
+        ],
         rows,
     )
 
@@ -1371,27 +1555,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python bench/throughput.py",
         description="Benchmark python -m svc against a bare pika consumer (see the docstring).",
     )
-    parser.add_argument("--mode", default="throughput",
-                        help="comma-separated: throughput, latency, startup, replicas, or all")
+    parser.add_argument(
+        "--mode",
+        default="throughput",
+        help="comma-separated: throughput, latency, startup, replicas, or all",
+    )
     parser.add_argument("--events", type=int, default=150_000, help="events per throughput run")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration")
-    parser.add_argument("--repeat-fraction", type=float, default=0.30,
-                        help="share of repeated ids in the second workload (0: skip it)")
+    parser.add_argument(
+        "--repeat-fraction",
+        type=float,
+        default=0.30,
+        help="share of repeated ids in the second workload (0: skip it)",
+    )
     parser.add_argument("--prefetch", type=int, default=100, help="svc PREFETCH")
     parser.add_argument("--latency-events", type=int, default=1000)
     parser.add_argument("--latency-interval-ms", type=float, default=20.0)
     parser.add_argument("--ids", type=int, default=1_000_000, help="ids preloaded for startup")
-    parser.add_argument("--replica-events", type=int, default=None,
-                        help="events per replicas run (default: --events)")
+    parser.add_argument(
+        "--id-shapes",
+        default="sequential,random",
+        help="startup: preloaded id shapes, sequential (preloaded-000000001...) "
+        "and/or random (32 hex digits)",
+    )
+    parser.add_argument(
+        "--replica-events",
+        type=int,
+        default=None,
+        help="events per replicas run (default: --events)",
+    )
     parser.add_argument("--only", help="throughput rows to run, e.g. ref-multi,svc-on")
-    parser.add_argument("--profile", action="store_true",
-                        help="one extra svc dedup-on drain under cProfile; print top functions")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra svc dedup-on drain under cProfile; print top functions",
+    )
     parser.add_argument("--profile-top", type=int, default=25)
     parser.add_argument("--json-out", type=Path, help="write every sample to this JSON file")
-    parser.add_argument("--keep-logs", type=Path,
-                        help="copy the daemons' logs and etcd's log into this directory")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny version of every mode, for CI: about half a minute")
+    parser.add_argument(
+        "--keep-logs", type=Path, help="copy the daemons' logs and etcd's log into this directory"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny version of every mode, for CI: about half a minute",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.mode = "all"
@@ -1431,8 +1639,10 @@ def environment(args: argparse.Namespace) -> Iterator[Context]:
             if ctx is not None:
                 count, total = etcd.fsync_stats()
                 if count:
-                    say(f"\netcd WAL fsyncs over the whole run: {count:,}, mean "
-                        f"{total / count * 1000:.2f} ms")
+                    say(
+                        f"\netcd WAL fsyncs over the whole run: {count:,}, mean "
+                        f"{total / count * 1000:.2f} ms"
+                    )
             etcd.stop()
             listener.close()
             if args.keep_logs:
@@ -1459,7 +1669,10 @@ def svc_version(root: Path) -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
     except OSError:
         commit = ""

@@ -28,13 +28,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd.exceptions import Etcd3Exception, NoServerAvailableError
 
+from svc import warmup
 from svc.errors import StoreRefused, StoreUnavailable
 from svc.tls import grpc_credentials
 
@@ -44,13 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DONE_VALUE = b"true"
+_EQUAL = etcdrpc.Compare.EQUAL
+_VERSION = etcdrpc.Compare.VERSION
 # Note: etcd refuses a transaction with more than 128 compares or operations (--max-txn-ops).
 MAX_TXN_OPS = 128
-WARM_UP_PAGE_KEYS = 10_000
-# A range holding more keys than this is read as sub-ranges, one per value of its next byte.
-WARM_UP_SPLIT_KEYS = 3 * WARM_UP_PAGE_KEYS
-WARM_UP_MAX_SPLIT_DEPTH = 2
-WARM_UP_READERS = 4
 # Note: a warm-up page of 10,000 keys of up to 256 characters nears gRPC's default 4 MiB cap.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # How soon a failed endpoint is tried again; pyetcd's own default is five minutes.
@@ -127,6 +125,7 @@ class EtcdStore:
         # (monotonic time the records expire, their ids), oldest first.
         self._expiries: deque[tuple[float, list[str]]] = deque()
         self._prefix = f"/service/{service}/"
+        self._prefix_bytes = self._prefix.encode()
         self._claim_ttl = claim_ttl
         self._token = f"claimed-by:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._seen: set[str] = set()
@@ -141,6 +140,10 @@ class EtcdStore:
         # etcd keys are opaque bytes: "../x" stays a literal suffix under the prefix.
         return self._prefix + event_id
 
+    def _key_bytes(self, event_id: str) -> bytes:
+        # Decoding rejected lone surrogates, so every id encodes.
+        return self._prefix_bytes + event_id.encode()
+
     def is_known(self, event_id: str) -> bool:
         if self._expiries and self._expiries[0][0] <= time.monotonic():
             self._forget_expired()
@@ -149,50 +152,46 @@ class EtcdStore:
     def warm_up(self) -> int:
         """Load every finished id under the prefix into memory, in pages of at most 10,000.
 
-        Every page is read at the revision of the first, so together they form one snapshot.
+        Every read names the revision of the first, so together they form one snapshot; see
+        svc/warmup.py for how the rest of the prefix is cut into ranges.
         """
         started = time.monotonic()
         prefix = self._prefix.encode()
         expiring: dict[int, list[str]] = {}  # record lease id -> ids it carries
-        first = self._read_page(prefix, pyetcd.utils.prefix_range_end(prefix), None, expiring)
+        first = self._read_page(prefix, warmup.prefix_end(prefix), None, expiring)
         revision = first.header.revision
-        if first.more:
-            # Note: etcd counts every key left in the range for each page it serves, so paging
-            # through a million keys one range costs minutes; sub-ranges by leading byte keep
-            # each count small. https://etcd.io/docs/v3.5/learning/api/#range
-            resume_at = first.kvs[-1].key + b"\0"
-            # Sub-ranges are independent: read a few at once, so etcd's cores share the work.
-            with ThreadPoolExecutor(WARM_UP_READERS, thread_name_prefix="warm-up") as readers:
-                reads = [
-                    readers.submit(
-                        self._read_range, max(low, resume_at), high, revision, expiring, 1
-                    )
-                    for low, high in _byte_ranges(prefix)
-                    if high > resume_at
-                ]
-                for read in reads:
-                    read.result()
+        warmup.read_rest(
+            prefix,
+            first,
+            read_page=lambda low, high: self._read_page(low, high, revision, expiring),
+            count=lambda ranges: self._count_keys(ranges, revision),
+        )
         self._schedule_forgetting(expiring)
         log.info(
             "warmed up %d ids from etcd in %.2f s", len(self._seen), time.monotonic() - started
         )
         return len(self._seen)
 
-    def _read_range(
-        self, start: bytes, end: bytes, revision: int, expiring: dict[int, list[str]], depth: int
-    ) -> None:
-        """Page through [start, end); split a crowded range by its next key byte."""
-        page = self._read_page(start, end, revision, expiring)
-        if page.more and depth < WARM_UP_MAX_SPLIT_DEPTH and page.count > WARM_UP_SPLIT_KEYS:
-            resume_at = page.kvs[-1].key + b"\0"
-            for low, high in _byte_ranges(start[: len(self._prefix.encode()) + depth]):
-                if high > resume_at and low < end:
-                    self._read_range(
-                        max(low, resume_at), min(high, end), revision, expiring, depth + 1
+    def _count_keys(self, ranges: Sequence[tuple[bytes, bytes]], revision: int) -> list[int]:
+        """How many keys each range holds at ``revision``: count-only reads, many per request."""
+        counts: list[int] = []
+        for chunk in _chunks(ranges, MAX_TXN_OPS):
+            reads = [
+                etcdrpc.RequestOp(
+                    request_range=etcdrpc.RangeRequest(
+                        key=low,
+                        range_end=high,
+                        revision=revision,
+                        count_only=True,
+                        # Any member may answer for a fixed revision: no consensus round trip.
+                        serializable=True,
                     )
-            return
-        while page.more and page.kvs:
-            page = self._read_page(page.kvs[-1].key + b"\0", end, revision, expiring)
+                )
+                for low, high in chunk
+            ]
+            reply = self._txn("warm-up count", etcdrpc.TxnRequest(success=reads))
+            counts.extend(r.response_range.count for r in reply.responses)
+        return counts
 
     def _read_page(
         self, start: bytes, end: bytes, revision: int | None, expiring: dict[int, list[str]]
@@ -202,7 +201,7 @@ class EtcdStore:
             self._client.get_range_response,
             start,
             end,
-            limit=WARM_UP_PAGE_KEYS,
+            limit=warmup.PAGE_KEYS,
             revision=revision,
             # Once the first page fixed the revision, any member may serve the rest of it
             # without a consensus round trip per page.
@@ -229,33 +228,41 @@ class EtcdStore:
         return verdicts
 
     def _claim_chunk(self, event_ids: Sequence[str]) -> dict[str, Verdict]:
-        txn = self._client.transactions
         verdicts: dict[str, Verdict] = {}
         remaining = list(event_ids)
+        token = self._token.encode()
         while remaining:
             lease = self._current_lease()
-            keys = [self.key(i) for i in remaining]
-            won, responses = self._call(
-                "claim",
-                self._client.transaction,
+            keys = [self._key_bytes(i) for i in remaining]
+            request = etcdrpc.TxnRequest(
                 # version == 0: the key does not exist, so nobody claimed or finished the id.
-                compare=[txn.version(k) == 0 for k in keys],
-                success=[txn.put(k, self._token, lease=lease) for k in keys],
-                # On failure, read every key back: one round trip tells which ids exist.
-                failure=[txn.get(k) for k in keys],
+                compare=[
+                    etcdrpc.Compare(key=k, result=_EQUAL, target=_VERSION, version=0) for k in keys
+                ],
+                success=[
+                    etcdrpc.RequestOp(
+                        request_put=etcdrpc.PutRequest(key=k, value=token, lease=lease)
+                    )
+                    for k in keys
+                ],
             )
-            if won:
+            if self._txn("claim", request).succeeded:
                 verdicts.update(dict.fromkeys(remaining, Verdict.NEW))
                 break
+            # Some ids exist: read them all back in one round trip. Not as the claim's failure
+            # branch: etcd writes a transaction's every branch to its log, so each claim would.
+            reads = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=k)) for k in keys]
+            reply = self._txn("claim read-back", etcdrpc.TxnRequest(success=reads))
             absent = []
-            for event_id, found in zip(remaining, responses, strict=True):
+            for event_id, response in zip(remaining, reply.responses, strict=True):
+                found = response.response_range.kvs
                 if not found:
                     absent.append(event_id)  # gone since the compare, or never there: try again
                     continue
-                value, meta = found[0]
-                if value == self._token.encode():
+                value, lease_id = found[0].value, found[0].lease
+                if value == token:
                     verdicts[event_id] = Verdict.NEW  # ours, from before a reconnect
-                elif _is_finished(value, meta.lease_id):
+                elif _is_finished(value, lease_id):
                     verdicts[event_id] = Verdict.DONE
                 else:
                     verdicts[event_id] = Verdict.BUSY
@@ -264,13 +271,19 @@ class EtcdStore:
 
     def record(self, event_ids: Sequence[str]) -> None:
         """Mark ids as finished: value ``true`` with no lease, so the record outlives us."""
-        txn = self._client.transactions
-        lease, expires_at = self._record_lease() if self._record_ttl else (None, 0.0)
+        lease, expires_at = self._record_lease() if self._record_ttl else (0, 0.0)
         for chunk in _chunks(event_ids, MAX_TXN_OPS):
-            puts = [txn.put(self.key(i), DONE_VALUE, lease=lease) for i in chunk]
-            self._call("record", self._client.transaction, compare=[], success=puts, failure=[])
+            puts = [
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(
+                        key=self._key_bytes(i), value=DONE_VALUE, lease=lease
+                    )
+                )
+                for i in chunk
+            ]
+            self._txn("record", etcdrpc.TxnRequest(success=puts))
         self._seen.update(event_ids)
-        if lease is not None:
+        if lease:
             self._expiries.append((expires_at, list(event_ids)))
 
     def _record_lease(self) -> tuple[int, float]:
@@ -355,6 +368,26 @@ class EtcdStore:
                 with self._lease_lock:
                     if self._lease is lease:
                         self._lease = None
+
+    def _txn(self, what: str, request: Any) -> Any:
+        """Send a transaction built as protobuf messages; cheaper than pyetcd's op objects."""
+        client = self._client
+
+        def send() -> Any:
+            try:
+                return client.kvstub.Txn(
+                    request,
+                    client.timeout,
+                    credentials=client.call_credentials,
+                    metadata=client.metadata,
+                )
+            except grpc.RpcError as exc:
+                # As pyetcd's own calls do: mark the endpoint failed (failover) and raise its
+                # exception for the code.
+                client._manage_grpc_errors(exc)
+                raise
+
+        return self._call(what, send)
 
     def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one etcd call; with authentication on, take a new token when etcd lost ours."""
@@ -521,13 +554,6 @@ def _endpoint_name(client: pyetcd.MultiEndpointEtcd3Client) -> str:
 def _is_finished(value: bytes, lease_id: int) -> bool:
     # A key without a lease is a record whatever its value (e.g. written by hand or another tool).
     return value == DONE_VALUE or lease_id == 0
-
-
-def _byte_ranges(stem: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The 256 ranges [stem + b, stem + b + 1) that together cover every key under ``stem``."""
-    for byte in range(255):
-        yield stem + bytes([byte]), stem + bytes([byte + 1])
-    yield stem + b"\xff", pyetcd.utils.prefix_range_end(stem)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -54,10 +54,15 @@ def test_smoke_prints_a_positive_row_for_every_configuration(tmp_path: Path) -> 
 
     latency = re.search(r"(?m)^latency-on +[1-9]\d* +([\d.]+)", output)
     assert latency and float(latency[1]) > 0, output
-    startup = re.search(r"(?m)^startup-on +[1-9]\d* +[\d,]+ +([\d.]+)", output)
-    assert startup and float(startup[1]) > 0, output
+    for shape in ("sequential", "random"):
+        startup = re.search(rf"(?m)^startup-{shape} +[1-9]\d* +[\d,]+ +([\d.]+)", output)
+        assert startup and float(startup[1]) > 0, output
 
     samples = json.loads(samples_path.read_text())
     assert {s["mode"] for s in samples} >= {
-        "throughput-distinct", "throughput-repeats", "latency", "startup", "replicas"
+        "throughput-distinct",
+        "throughput-repeats",
+        "latency",
+        "startup",
+        "replicas",
     }

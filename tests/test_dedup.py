@@ -157,10 +157,10 @@ def test_unreachable_etcd_raises_store_unavailable(service: str) -> None:
 
 
 def test_warm_up_of_many_ids_reads_every_one_exactly(etcd_server, service: str) -> None:
-    """Past a few pages the warm-up reads sub-ranges (by leading byte) in parallel; none may be
-    missed or invented, whatever the ids' first characters, non-ASCII ones included."""
+    """Past a page the warm-up reads counted sub-ranges in parallel; none may be missed or
+    invented, whatever the ids' first characters, non-ASCII ones included."""
     ids = [f"{lead}{n:05d}" for n in range(9_000) for lead in ("a", "Z", "7", "é", "~")]
-    ids += [f"x{n}" for n in range(40_000)]  # one crowded sub-range, split again
+    ids += [f"x{n}" for n in range(40_000)]  # one crowded sub-range, cut again deeper
     writer = etcd_server.client()
     ops = writer.transactions
     for start in range(0, len(ids), 128):
