@@ -409,9 +409,9 @@ class Stack:
     ) -> None:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not ready():
-            exited = process is not None and process.poll() is not None
-            if exited or time.monotonic() > deadline:
-                outcome = f"exited {process.returncode}" if exited else "did not answer"
+            code = process.poll() if process is not None else None
+            if code is not None or time.monotonic() > deadline:
+                outcome = f"exited {code}" if code is not None else "did not answer"
                 tail = tail_of(log_path) if log_path else ""
                 raise StackError(f"{name} {outcome} within {START_TIMEOUT_SECONDS:g} s\n{tail}")
             time.sleep(0.2)
