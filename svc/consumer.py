@@ -26,6 +26,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from svc import amqp_fields
 from svc.backoff import Backoff
 from svc.dedup import Verdict
 from svc.errors import StoreUnavailable, TopologyError, TransientError
@@ -45,6 +46,7 @@ T = TypeVar("T")
 EXCHANGE = "events"
 BINDING_KEY = "#"
 REASON_HEADER = "x-reason"
+DROPPED_HEADERS_HEADER = "x-original-headers-dropped"
 # How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
 IDLE_WAIT_SECONDS = 0.5
 HOLD_RETRY_SECONDS = 1.0
@@ -124,6 +126,8 @@ class Consumer:
         self._batch_limit = max(1, settings.prefetch // 2)
         self.crash = CrashPoint(settings.crash_at)
         self.handled_log = HandledLog(settings.service_name, settings.handled_log)
+        # Headers come from publishers: one pika cannot decode must not break the connection.
+        amqp_fields.install()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -614,6 +618,8 @@ class Consumer:
         assert self._dlq_channel is not None
         original = delivery.properties
         headers = dict(original.headers or {})
+        if not amqp_fields.encodable_headers(headers):
+            headers = {DROPPED_HEADERS_HEADER: "the original headers could not be re-encoded"}
         headers[REASON_HEADER] = f"{code}: {detail}"
         headers["x-original-exchange"] = delivery.exchange
         headers["x-original-routing-key"] = delivery.routing_key
