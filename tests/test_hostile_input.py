@@ -29,6 +29,7 @@ from svc.events import MAX_ID_CHARS, Event, InvalidEvent, decode
 from svc.faults import HandledLog
 from svc.handlers import HANDLERS, handles
 from svc.metrics import Metrics
+from tests.hostile_samples import ANY_TEXT, NASTY_IDS, NASTY_KEYS, NASTY_NUMBERS
 
 PROPERTY = settings(
     max_examples=300,
@@ -49,39 +50,6 @@ REFUSAL_CODES = {
     "bad-id",
     "id-too-long",
 }
-
-# Every character, lone surrogates (\ud800-\udfff) included.
-ANY_CHAR = st.characters(exclude_categories=())
-ANY_TEXT = st.text(ANY_CHAR, max_size=40)
-
-NASTY_IDS = [
-    "../x",
-    "../../other-service/x",
-    "/",
-    "..",
-    "/service/other/x",
-    "\x00",
-    "a\x00b",
-    "\xff",
-    "\ufeff",
-    "\u2028",
-    "\u202e",
-    "new_order\nforged:1|c",
-    "a:1|c",
-    "e\u0301",  # NFD of "é"
-    "\u00e9",  # NFC of "é"
-    "\uff49\uff44",  # fullwidth "id"
-    "\U0001f600",
-    " ",
-    "*",
-    "%2F",
-    "\ud800",
-    "x" * MAX_ID_CHARS,
-    "x" * (MAX_ID_CHARS + 1),
-    "\U0001f600" * MAX_ID_CHARS,
-]
-NASTY_KEYS = ["id", "ID", "Id", "type", "TYPE", "tYpE", "args", "Args", "\u0130d", "\uff49\uff44"]
-NASTY_NUMBERS = ["NaN", "-Infinity", "Infinity", "1e99999", "-0", "1" * 5000, "1" * 300, "1.5"]
 
 json_scalars = st.one_of(
     st.none(),
