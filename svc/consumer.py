@@ -481,7 +481,9 @@ class Consumer:
         batch.settled.extend(succeeded)
         failed = [(d, failures[n]) for n, d in enumerate(batch.to_handle) if n in failures]
         for delivery, error in failed:
-            reason = f"{_brief(error)} (after {attempts} attempts)"
+            # Only the exception's class: its message may quote event data, and x-reason must
+            # not carry any (the message is in the handler's WARNING line, as a repr).
+            reason = f"{type(error).__name__} after {attempts} attempts"
             self._dead_letter(delivery, "handler-failed", reason)
             self.metrics.count("dead_lettered")
             delivery.outcome = "dead-lettered (handler failed)"
