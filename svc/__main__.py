@@ -58,12 +58,23 @@ def main() -> int:
     return 0
 
 
+class OneRecordPerLineFormatter(logging.Formatter):
+    """Indents every line of a record after its first, tracebacks included.
+
+    An exception's message may quote event data (a handler's error naming the id); a newline in
+    it would otherwise start a line of a publisher's choosing that passes for a record of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\n    ")
+
+
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=level_number(settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        OneRecordPerLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level_number(settings.log_level), handlers=[handler])
     # pika logs every connection attempt at INFO/WARNING; our own lines already say what matters.
     logging.getLogger("pika").setLevel(max(logging.WARNING, level_number(settings.log_level)))
 
