@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import strategies as st
 
 from svc.events import MAX_ID_CHARS
@@ -38,3 +40,8 @@ NASTY_IDS = [
 ]
 NASTY_KEYS = ["id", "ID", "Id", "type", "TYPE", "tYpE", "args", "Args", "\u0130d", "\uff49\uff44"]
 NASTY_NUMBERS = ["NaN", "-Infinity", "Infinity", "1e99999", "-0", "1" * 5000, "1" * 300, "1.5"]
+
+
+def unescape_line(text: str) -> str:
+    """Undo the escaping of an id in a TEST_HANDLED_LOG line (svc.faults.escape_line)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)

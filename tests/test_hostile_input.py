@@ -29,7 +29,7 @@ from svc.events import MAX_ID_CHARS, Event, InvalidEvent, decode
 from svc.faults import HandledLog
 from svc.handlers import HANDLERS, handles
 from svc.metrics import Metrics
-from tests.hostile_samples import ANY_TEXT, NASTY_IDS, NASTY_KEYS, NASTY_NUMBERS
+from tests.hostile_samples import ANY_TEXT, NASTY_IDS, NASTY_KEYS, NASTY_NUMBERS, unescape_line
 
 PROPERTY = settings(
     max_examples=300,
@@ -242,10 +242,6 @@ def test_only_plain_metric_names_can_have_a_handler(event_type: str) -> None:
 def journal_path() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as directory:
         yield os.path.join(directory, "handled")
-
-
-def unescape_line(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)
 
 
 @PROPERTY
