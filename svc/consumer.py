@@ -111,6 +111,8 @@ class Consumer:
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._dlq_channel: BlockingChannel | None = None
+        self._dead_letters_uncommitted = 0
+        self._dead_letters_returned = 0
         self._consumer_tag: str | None = None
         self._inbox: list[Delivery] = []
         self._held: list[HeldDelivery] = []
@@ -188,7 +190,13 @@ class Consumer:
         self._channel = self._connection.channel()
         self._declare_topology(self._channel)
         self._dlq_channel = self._connection.channel()
-        self._dlq_channel.confirm_delivery()
+        # Note: a transaction, not publisher confirms: a batch's dead letters then cost one
+        # round trip (tx.commit) instead of one each, so a flood of bad bodies cannot slow the
+        # stream by a round trip per body. RabbitMQ hands over responsibility for a
+        # transaction's messages, and sends back unroutable ones, on commit.
+        # https://www.rabbitmq.com/docs/semantics
+        self._dlq_channel.tx_select()
+        self._dlq_channel.add_on_return_callback(self.on_dead_letter_returned)
         self._channel.basic_qos(prefetch_count=self.settings.prefetch)
         self._consumer_tag = self._channel.basic_consume(self.settings.queue, self.on_message)
         log.info(
@@ -258,6 +266,7 @@ class Consumer:
         self._unacked.clear()
         connection, self._connection = self._connection, None
         self._channel = self._dlq_channel = None
+        self._dead_letters_uncommitted = self._dead_letters_returned = 0
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -335,6 +344,7 @@ class Consumer:
         batch = Batch()
         for delivery in deliveries:
             self._route(delivery, batch)
+        self._commit_dead_letters()
         self.crash.reached("after-delivery")
         self._advance(batch)
 
@@ -488,6 +498,7 @@ class Consumer:
             self.metrics.count("dead_lettered")
             delivery.outcome = "dead-lettered (handler failed)"
             batch.settled.append(delivery)
+        self._commit_dead_letters()
         if self._dedup_on and failed:
             # Release the claims so that a republished copy is not held until the TTL runs out.
             failed_ids = [_event(d).id for d, _ in failed]
@@ -612,9 +623,10 @@ class Consumer:
             self._unacked = {t for t in self._unacked if t > prefix_end}
 
     def _dead_letter(self, delivery: Delivery, code: str, detail: str) -> None:
-        """Copy a delivery to ``<name>-dlq`` with its reason, waiting for the broker's confirm.
+        """Copy a delivery to ``<name>-dlq`` with its reason, in the open transaction.
 
-        Raises the broker's error if the copy is not confirmed; the caller must then not ack.
+        The copy is the broker's responsibility only after :meth:`_commit_dead_letters`, which
+        the caller must call before acking the delivery.
         """
         self._check_connection()
         assert self._dlq_channel is not None
@@ -635,14 +647,10 @@ class Consumer:
             headers=headers,
             delivery_mode=pika.DeliveryMode.Persistent,
         )
-        try:
-            self._dlq_channel.basic_publish(
-                "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
-            )
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            raise TransientError(
-                f"the broker did not confirm the dead-letter copy of tag {delivery.tag}"
-            ) from exc
+        self._dlq_channel.basic_publish(
+            "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
+        )
+        self._dead_letters_uncommitted += 1
         log.warning(
             "dead-lettered tag=%d to %s: %s: %s",
             delivery.tag,
@@ -650,6 +658,36 @@ class Consumer:
             code,
             detail,
         )
+
+    def _commit_dead_letters(self) -> None:
+        """Commit the dead letters sent since the last commit: one round trip for all of them.
+
+        Raises TransientError if the broker returned any (``<name>-dlq`` is gone): the caller
+        must then not ack; the reconnect declares the queue again and the broker redelivers.
+        """
+        if not self._dead_letters_uncommitted:
+            return
+        assert self._dlq_channel is not None and self._connection is not None
+        self._dlq_channel.tx_commit()
+        self._dead_letters_uncommitted = 0
+        # Returns arrive before commit-ok; this hands them to on_dead_letter_returned.
+        self._connection.process_data_events(time_limit=0)
+        if self._dead_letters_returned:
+            returned, self._dead_letters_returned = self._dead_letters_returned, 0
+            raise TransientError(
+                f"the broker returned {returned} dead letter(s): no queue "
+                f"{self.settings.dead_letter_queue!r} to route them to"
+            )
+
+    def on_dead_letter_returned(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Return,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        """Called by pika for a dead letter the broker could not route; counted for the commit."""
+        self._dead_letters_returned += 1
 
     def _log_outcome(self, delivery: Delivery) -> None:
         if not self.settings.log_events:
