@@ -709,8 +709,11 @@ def _nothing() -> None:
 
 
 def _safe(text: str, limit: int = 80) -> str:
-    """Text fit for one log line: printable as is, else its repr; never longer than ``limit``."""
-    shown = text if text.isprintable() and " " not in text else repr(text)
+    """Text fit for one log line: plain printable ASCII as is, else escaped; at most ``limit``.
+
+    Non-ASCII text is escaped too, so a look-alike (Cyrillic "о" in "new_оrder") shows as such.
+    """
+    shown = text if text.isascii() and text.isprintable() and " " not in text else ascii(text)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 

@@ -245,6 +245,8 @@ def test_every_hostile_message_ends_handled_skipped_ignored_or_dead_lettered(
     assert skipped >= len(repeats)
     assert totals.get(f"{name}_unknown_type", 0) >= len(UNKNOWN_TYPES)
     assert svc.count("ignored (unknown type)") == totals[f"{name}_unknown_type"]
+    # A look-alike type is logged escaped, so it cannot pass for the real one.
+    assert svc.count("'new_\\u043erder' id=unknown-2 ignored (unknown type)") == 1
     assert totals.get(f"{name}_dead_lettered", 0) == len(failing)
     ok = sum(n for metric, n in totals.items() if metric.endswith("_ok"))
     assert ok == sum(handled.values())
