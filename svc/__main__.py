@@ -109,12 +109,23 @@ def usage() -> str:
     )
 
 
+class OneRecordPerLineFormatter(logging.Formatter):
+    """Indents every line of a record after its first, tracebacks included.
+
+    An exception's message may quote event data (a handler's error naming the id); a newline in
+    it would otherwise start a line of a publisher's choosing that passes for a record of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\n    ")
+
+
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=level_number(settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        OneRecordPerLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level_number(settings.log_level), handlers=[handler])
     # pika logs each failed connection attempt as several ERROR lines with a traceback; the
     # consumer's own line already says what failed and when it retries. With LOG_LEVEL=DEBUG
     # its warnings and errors show too, never its debug lines (they print connection details).

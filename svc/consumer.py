@@ -27,6 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from svc import amqp_fields
 from svc.backoff import Backoff
 from svc.config import redact_url
 from svc.dedup import Verdict
@@ -49,6 +50,7 @@ EXCHANGE = "events"
 BINDING_KEY = "#"
 LOST = "broker connection lost"
 REASON_HEADER = "x-reason"
+DROPPED_HEADERS_HEADER = "x-original-headers-dropped"
 # How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
 IDLE_WAIT_SECONDS = 0.5
 HOLD_RETRY_SECONDS = 1.0
@@ -113,6 +115,8 @@ class Consumer:
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._dlq_channel: BlockingChannel | None = None
+        self._dead_letters_uncommitted = 0
+        self._dead_letters_returned = 0
         self._consumer_tag: str | None = None
         self._inbox: list[Delivery] = []
         self._held: list[HeldDelivery] = []
@@ -131,6 +135,8 @@ class Consumer:
         )
         self.crash = CrashPoint(settings.crash_at)
         self.handled_log = HandledLog(settings.service_name, settings.handled_log)
+        # Headers come from publishers: one pika cannot decode must not break the connection.
+        amqp_fields.install()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -204,7 +210,13 @@ class Consumer:
         self._channel = self._connection.channel()
         self._declare_topology(self._channel)
         self._dlq_channel = self._connection.channel()
-        self._dlq_channel.confirm_delivery()
+        # Note: a transaction, not publisher confirms: a batch's dead letters then cost one
+        # round trip (tx.commit) instead of one each, so a flood of bad bodies cannot slow the
+        # stream by a round trip per body. RabbitMQ hands over responsibility for a
+        # transaction's messages, and sends back unroutable ones, on commit.
+        # https://www.rabbitmq.com/docs/semantics
+        self._dlq_channel.tx_select()
+        self._dlq_channel.add_on_return_callback(self.on_dead_letter_returned)
         self._channel.basic_qos(prefetch_count=self.settings.prefetch)
         self._consumer_tag = self._channel.basic_consume(self.settings.queue, self.on_message)
         log.info(
@@ -296,6 +308,7 @@ class Consumer:
         self._unacked.clear()
         connection, self._connection = self._connection, None
         self._channel = self._dlq_channel = None
+        self._dead_letters_uncommitted = self._dead_letters_returned = 0
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -373,6 +386,7 @@ class Consumer:
         batch = Batch()
         for delivery in deliveries:
             self._route(delivery, batch)
+        self._commit_dead_letters()
         self.crash.reached("after-delivery")
         self._advance(batch)
 
@@ -519,11 +533,14 @@ class Consumer:
         batch.settled.extend(succeeded)
         failed = [(d, failures[n]) for n, d in enumerate(batch.to_handle) if n in failures]
         for delivery, error in failed:
-            reason = f"{_brief(error)} (after {attempts} attempts)"
+            # Only the exception's class: its message may quote event data, and x-reason must
+            # not carry any (the message is in the handler's WARNING line, as a repr).
+            reason = f"{type(error).__name__} after {attempts} attempts"
             self._dead_letter(delivery, "handler-failed", reason)
             self.metrics.count("dead_lettered")
             delivery.outcome = "dead-lettered (handler failed)"
             batch.settled.append(delivery)
+        self._commit_dead_letters()
         if self._dedup_on and failed:
             # Release the claims so that a republished copy is not held until the TTL runs out.
             failed_ids = [_event(d).id for d, _ in failed]
@@ -649,14 +666,17 @@ class Consumer:
             self._unacked = {t for t in self._unacked if t > prefix_end}
 
     def _dead_letter(self, delivery: Delivery, code: str, detail: str) -> None:
-        """Copy a delivery to ``<name>-dlq`` with its reason, waiting for the broker's confirm.
+        """Copy a delivery to ``<name>-dlq`` with its reason, in the open transaction.
 
-        Raises the broker's error if the copy is not confirmed; the caller must then not ack.
+        The copy is the broker's responsibility only after :meth:`_commit_dead_letters`, which
+        the caller must call before acking the delivery.
         """
         self._check_connection()
         assert self._dlq_channel is not None
         original = delivery.properties
         headers = dict(original.headers or {})
+        if not amqp_fields.encodable_headers(headers):
+            headers = {DROPPED_HEADERS_HEADER: "the original headers could not be re-encoded"}
         headers[REASON_HEADER] = f"{code}: {detail}"
         headers["x-original-exchange"] = delivery.exchange
         headers["x-original-routing-key"] = delivery.routing_key
@@ -670,14 +690,10 @@ class Consumer:
             headers=headers,
             delivery_mode=pika.DeliveryMode.Persistent,
         )
-        try:
-            self._dlq_channel.basic_publish(
-                "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
-            )
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            raise TransientError(
-                f"the broker did not confirm the dead-letter copy of tag {delivery.tag}"
-            ) from exc
+        self._dlq_channel.basic_publish(
+            "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
+        )
+        self._dead_letters_uncommitted += 1
         log.warning(
             "dead-lettered tag=%d to %s: %s: %s",
             delivery.tag,
@@ -685,6 +701,36 @@ class Consumer:
             code,
             detail,
         )
+
+    def _commit_dead_letters(self) -> None:
+        """Commit the dead letters sent since the last commit: one round trip for all of them.
+
+        Raises TransientError if the broker returned any (``<name>-dlq`` is gone): the caller
+        must then not ack; the reconnect declares the queue again and the broker redelivers.
+        """
+        if not self._dead_letters_uncommitted:
+            return
+        assert self._dlq_channel is not None and self._connection is not None
+        self._dlq_channel.tx_commit()
+        self._dead_letters_uncommitted = 0
+        # Returns arrive before commit-ok; this hands them to on_dead_letter_returned.
+        self._connection.process_data_events(time_limit=0)
+        if self._dead_letters_returned:
+            returned, self._dead_letters_returned = self._dead_letters_returned, 0
+            raise TransientError(
+                f"the broker returned {returned} dead letter(s): no queue "
+                f"{self.settings.dead_letter_queue!r} to route them to"
+            )
+
+    def on_dead_letter_returned(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Return,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        """Called by pika for a dead letter the broker could not route; counted for the commit."""
+        self._dead_letters_returned += 1
 
     def _log_outcome(self, delivery: Delivery) -> None:
         if not self.settings.log_events:
@@ -706,8 +752,11 @@ def _nothing() -> None:
 
 
 def _safe(text: str, limit: int = 80) -> str:
-    """Text fit for one log line: printable as is, else its repr; never longer than ``limit``."""
-    shown = text if text.isprintable() and " " not in text else repr(text)
+    """Text fit for one log line: plain printable ASCII as is, else escaped; at most ``limit``.
+
+    Non-ASCII text is escaped too, so a look-alike (Cyrillic "о" in "new_оrder") shows as such.
+    """
+    shown = text if text.isascii() and text.isprintable() and " " not in text else ascii(text)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 

@@ -3,7 +3,9 @@
 ``TEST_CRASH_AT=<point>`` makes the process SIGKILL itself the first time it reaches the named
 point, so a test can restart it and check what the crash cost. ``TEST_HANDLED_LOG=<path>``
 appends one line ``<service> <id>`` per handled event, written before the id is recorded in
-etcd, so a chaos run can count handled events without relying on UDP metrics.
+etcd, so a chaos run can count handled events without relying on UDP metrics. An id's backslashes,
+line feeds and carriage returns are written as ``\\\\``, ``\\n`` and ``\\r``, so an id can
+never add a line of its own.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class HandledLog:
     def write(self, event_ids: Iterable[str]) -> None:
         if self._fd is None:
             return
-        lines = "".join(f"{self.service} {event_id}\n" for event_id in event_ids)
+        lines = "".join(f"{self.service} {escape_line(event_id)}\n" for event_id in event_ids)
         # One write(2) per batch: once it returns, the lines survive a SIGKILL of this process.
         if lines:
             os.write(self._fd, lines.encode("utf-8", "backslashreplace"))
@@ -48,3 +50,8 @@ class HandledLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def escape_line(text: str) -> str:
+    """``text`` on one line: backslash, line feed and carriage return escaped with a backslash."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -27,12 +28,20 @@ FIRST_RETRY_PAUSE_SECONDS = 0.1
 MAX_RETRY_PAUSE_SECONDS = 5.0
 
 HANDLERS: dict[str, Handler] = {}
+# A handled type becomes part of metric names (``<service>_<type>_ok``), so it must be a plain
+# statsd and Graphite name; see svc.metrics.METRIC_NAME.
+HANDLED_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def handles(event_type: str) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``event_type``."""
 
     def register(handler: Handler) -> Handler:
+        if not HANDLED_TYPE.fullmatch(event_type):
+            raise ValueError(
+                f"event type {event_type!r} cannot have a handler: it names metrics, so it must "
+                "be 1 to 64 of A-Z, a-z, 0-9, '_', '.', '-'"
+            )
         if event_type in HANDLERS:
             raise ValueError(f"event type {event_type!r} already has a handler")
         HANDLERS[event_type] = handler

@@ -9,6 +9,7 @@ fixed suffixes below or a registered handler's type, never from raw event data.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import statsd
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 # Note: 1,432 bytes keeps a packet inside one Ethernet frame once IP and UDP headers are added;
 # statsd reads each line of a packet as its own metric.
 MAX_PACKET_BYTES = 1432
+# statsd splits a packet at newlines and a line at ':' and '|'; Graphite splits a path at '.'.
+# A name outside this set could forge or corrupt a line, so it is never sent.
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
 class Metrics:
@@ -35,8 +39,15 @@ class Metrics:
             self._client = None
 
     def count(self, suffix: str, n: int = 1) -> None:
-        """Add ``n`` to ``<service>_<suffix>``; sent at the next :meth:`flush`."""
-        self._pending[f"{self.service}_{suffix}"] += n
+        """Add ``n`` to ``<service>_<suffix>``; sent at the next :meth:`flush`.
+
+        A name that is not a single well-formed statsd name is logged and dropped, never sent.
+        """
+        name = f"{self.service}_{suffix}"
+        if not METRIC_NAME.fullmatch(name):
+            log.error("counter name %r is not a safe statsd name; not counted", name[:100])
+            return
+        self._pending[name] += n
 
     def announce(self, *suffixes: str) -> None:
         """Send a zero for each counter now, so its series exists before the first event."""

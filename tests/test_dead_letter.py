@@ -93,3 +93,26 @@ def test_events_at_the_limits_are_handled_not_dead_lettered(
     wait_queue_empty(vhost, f"{orders}-queue", timeout=30)
     assert statsd_listener.total(f"{orders}_invalid") == 0
     assert publisher.ready_count(f"{orders}-dlq") == 0
+
+
+def test_a_bad_body_is_not_acked_until_its_dead_letter_queue_takes_it(
+    run_service: Callable[..., ServiceProcess],
+    publisher: Publisher,
+    statsd_listener: StatsdListener,
+    vhost: str,
+) -> None:
+    """Failure: ``<name>-dlq`` was deleted under the running daemon, so the broker returns the
+    dead letter. Recovery: the bad body stays unacked, the daemon reconnects, declares the queue
+    again, and the redelivered body is dead-lettered there."""
+    orders = unique_name("orders")
+    svc = run_service(orders)
+    publisher.channel.queue_delete(f"{orders}-dlq")
+
+    publisher.publish(b"not json, and nowhere to go")
+
+    svc.wait_for_line("returned 1 dead letter(s)")
+    wait_queue_empty(vhost, f"{orders}-queue", timeout=30)
+    dead = publisher.drain(f"{orders}-dlq")
+    assert [body for body, _ in dead] == [b"not json, and nowhere to go"]
+    assert (dead[0][1].headers or {})["x-reason"].startswith("invalid-json: ")
+    assert svc.is_running()
