@@ -48,7 +48,7 @@ def rabbitmqctl(*args: str) -> str:
         pytest.fail("rabbitmqctl not found on PATH; these tests create their own vhost with it. "
                     "Install RabbitMQ (`apt-get install rabbitmq-server`) or run them where the "
                     "broker's tools are on PATH.")
-    result = subprocess.run([path, *args], capture_output=True, text=True,
+    result = subprocess.run([path, *args], check=False, capture_output=True, text=True,
                             timeout=RABBITMQCTL_TIMEOUT_SECONDS)
     assert result.returncode == 0, f"rabbitmqctl {' '.join(args)} failed:\n{result.stderr}"
     return result.stdout
