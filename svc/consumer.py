@@ -401,6 +401,12 @@ class Consumer:
         to_record = previous.to_record if previous is not None else []
         claims = self._plan_claims(batch, previous) if batch is not None else {}
         self._current = batch
+        if batch is not None:
+            # Until etcd answers, every id asked for may be ours: a claim whose reply was lost
+            # may have been applied. If the connection goes first, _salvage releases them all
+            # (a release deletes only keys holding our own token), or they would stay held by
+            # our live lease and no replica would ever handle those events.
+            batch.claimed = list(claims)
         # The record runs on the store thread while this thread claims.
         recording = self._store_thread.submit(self.store.record, to_record) if to_record else None
         verdicts = self._retry_store(lambda: self.store.claim(list(claims))) if claims else {}

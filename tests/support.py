@@ -602,13 +602,15 @@ class TcpProxy:
     listening (a network blip), :meth:`stop` also stops listening (the broker is down, new
     connections are refused). The port is chosen once and kept, so a client configured with
     :meth:`url` finds the broker again once :meth:`start` is called. Nothing listens until
-    :meth:`start`.
+    :meth:`start`. While :attr:`drop_replies` is set, requests still reach the target but its
+    replies are thrown away: a call that was carried out but whose answer was lost.
     """
 
     def __init__(self, target: tuple[str, int] = (RABBIT_HOST, RABBIT_PORT)) -> None:
         self.target = target
         self.port = free_port()
         self.accepted = 0
+        self.drop_replies = False
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -701,6 +703,8 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is upstream and self.drop_replies:
+                        continue
                     peer[sock].sendall(data)
         except (OSError, ValueError):
             return

@@ -20,6 +20,7 @@ from tests.support import (
     Publisher,
     ServiceProcess,
     StatsdListener,
+    TcpProxy,
     unique_name,
     wait_queue_empty,
     wait_until,
@@ -152,3 +153,51 @@ def test_replica_killed_holding_claims_loses_nothing_and_repeats_at_most_its_win
     keys = finished_keys(etcd_server, service)
     assert set(keys) == set(ids) and set(keys.values()) == {b"true"}
     assert all(s.is_running() and s.count("connection lost") == 0 for s in survivors)
+
+
+def test_claim_applied_but_unanswered_then_broker_lost_is_released_for_another_replica(
+    run_dedup_service: Callable[..., ServiceProcess],
+    publisher: Publisher,
+    etcd_server: EtcdServer,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    """etcd carries out replica A's claim but its answer is lost; while A retries, A loses its
+    broker connection, and the event goes to replica B. A must release that claim before it
+    reconnects: A's lease stays alive, so a claim left behind would hold the event forever."""
+    service = unique_name("replicas")
+    to_etcd = TcpProxy(target=("127.0.0.1", etcd_server.client_port)).start()
+    to_broker = TcpProxy().start()
+    try:
+        log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+        settings = {"PREFETCH": "1", "DEDUP_CLAIM_TTL": "3", "ETCD_TIMEOUT": "2"}
+        replica_a = run_dedup_service(
+            service,
+            RABBIT_URL=to_broker.url(vhost),
+            ETCD_ENDPOINTS=f"127.0.0.1:{to_etcd.port}",
+            TEST_HANDLED_LOG=str(log_a),
+            **settings,
+        )
+        publisher.publish({"type": "new_order", "id": "first"})
+        wait_until(
+            lambda: finished_keys(etcd_server, service) == {"first": b"true"},
+            30,
+            "A to handle and record a first event (so it holds a live claim lease)",
+        )
+
+        to_etcd.drop_replies = True
+        publisher.publish({"type": "new_order", "id": "unanswered"})
+        replica_a.wait_for_line("etcd claim failed", timeout=30)
+        replica_b = run_dedup_service(service, TEST_HANDLED_LOG=str(log_b), **settings)
+        assert to_broker.cut() >= 1
+        to_etcd.drop_replies = False
+
+        wait_until(lambda: "unanswered" in handled_ids(log_b), 30, "B to handle the event")
+        wait_queue_empty(vhost, f"{service}-queue", timeout=30)
+        assert handled_ids(log_a) == ["first"]
+        assert handled_ids(log_b) == ["unanswered"]
+        assert finished_keys(etcd_server, service) == {"first": b"true", "unanswered": b"true"}
+        assert replica_a.is_running() and replica_b.is_running()
+    finally:
+        to_etcd.stop()
+        to_broker.stop()
