@@ -362,8 +362,13 @@ class EtcdStore:
                 log.warning("could not refresh the claim lease: %s", exc)
                 continue
             if not replies or replies[0].TTL <= 0:
-                log.warning(
-                    "claim lease %x expired; a new one is taken at the next claim", lease.id
+                # Claims under it are gone: another replica may now take an event this one
+                # is still handling or has not yet recorded (README, guarantee 3).
+                log.error(
+                    "claim lease %x expired (etcd out of reach for longer than DEDUP_CLAIM_TTL?):"
+                    " events claimed under it may be handled by another replica too; a new lease "
+                    "is taken at the next claim",
+                    lease.id,
                 )
                 with self._lease_lock:
                     if self._lease is lease:
