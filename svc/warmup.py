@@ -159,14 +159,25 @@ def spans_after(stem: bytes, first: bytes, last: bytes) -> list[Span]:
 
 
 def by_next_byte(span: Span) -> list[Span]:
-    """``span`` cut into one span per value of the byte after its stem, in key order."""
+    """``span`` cut into one span per value of the byte after its stem, in key order.
+
+    Every piece keeps the invariant that its keys start with its stem: a key equal to the stem
+    itself (an id that is the beginning of others) gets a piece of its own, ahead of the rest.
+    """
     depth = len(span.stem)
-    first_byte = span.low[depth] if span.low.startswith(span.stem) and len(span.low) > depth else 0
+    low = max(span.low, span.stem)  # no key of the span lies before its stem
+    if not low.startswith(span.stem):
+        return []  # low lies past every key that starts with the stem: the span is empty
     spans = []
+    if low == span.stem:
+        spans.append(Span(low, span.stem + b"\x00", span.stem))
+        first_byte = 0
+    else:
+        first_byte = low[depth]
     for byte in range(first_byte, 256):
         branch = span.stem + bytes([byte])
-        low = span.low if byte == first_byte else branch
-        spans.append(Span(low, prefix_end(branch), branch))
+        piece_low = low if byte == first_byte and low != span.stem else branch
+        spans.append(Span(piece_low, prefix_end(branch), branch))
     return spans
 
 

@@ -111,3 +111,36 @@ def test_a_failed_read_is_raised() -> None:
     first = store.read_page(PREFIX, warmup.prefix_end(PREFIX))
     with pytest.raises(TimeoutError):
         warmup.read_rest(PREFIX, first, failing, store.count)
+
+
+def odd_keys(rng: random.Random) -> list[bytes]:
+    """Up to 120 keys over a tiny alphabet (0x00, 0xff...), many the beginning of another."""
+    alphabet = rng.choice([b"\x00\xff", b"\x00\x01\xfe\xff", b"ab", bytes(range(256))])
+    head = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+    keys: set[bytes] = set()
+    for _ in range(rng.randint(1, 120)):
+        pick = rng.random()
+        if pick < 0.3 and keys:
+            key = rng.choice(sorted(keys))
+            key = key[: rng.randint(len(PREFIX), len(key))]  # the beginning of another key
+        elif pick < 0.6 and keys:
+            key = rng.choice(sorted(keys)) + bytes(rng.choice(alphabet) for _ in range(3))
+        else:
+            tail = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+            key = PREFIX + head[: rng.randint(0, len(head))] + tail
+        keys.add(key)
+    return sorted(keys)
+
+
+def test_odd_ids_with_tiny_pages_are_each_read_exactly_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tiny pages make every id shape crowded, so each way of cutting a range gets exercised.
+    for seed in range(1500):
+        rng = random.Random(seed)
+        monkeypatch.setattr(warmup, "PAGE_KEYS", rng.randint(1, 8))
+        keys = odd_keys(rng)
+        store = SortedStore([*keys, b"/service/orders", b"/service/orders0", b"/service/p/1"])
+        first = store.read_page(PREFIX, warmup.prefix_end(PREFIX))
+        warmup.read_rest(PREFIX, first, store.read_page, store.count, readers=rng.randint(1, 4))
+        assert sorted(store.read) == keys, f"seed {seed}: read {len(store.read)} of {len(keys)}"
