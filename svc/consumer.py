@@ -2,7 +2,7 @@
 
 When a delivery is acked: only once its outcome is final. A handled event is acked after its
 handler returned and, with de-duplication on, after its id was recorded in etcd; a bad body
-after its dead-letter copy was confirmed by the broker; a skipped or unknown-type event at
+after the transaction holding its dead-letter copy was committed; a skipped or unknown-type event at
 once. A delivery whose id another replica is still handling is held, unacked, and asked about
 again after a delay. Nothing is acked on a channel other than the one that delivered it: after
 a reconnect the broker has already requeued everything the old channel held.
