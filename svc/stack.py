@@ -453,8 +453,11 @@ class Stack:
         result = {}
         for name, up in checks.items():
             pid = self.running_pid(name)
-            owner = f"started by this stack, pid {pid}" if pid else "not started by this stack"
-            result[name] = f"{'up' if up else 'down'} ({owner})"
+            if pid:
+                result[name] = f"{'up' if up else 'down'} (started by this stack, pid {pid})"
+            else:
+                # Without a live pid of ours, an answering part belongs to someone else.
+                result[name] = "up (not started by this stack)" if up else "down"
         return result
 
 
