@@ -8,6 +8,19 @@ from hypothesis import strategies as st
 
 from svc.events import MAX_ID_CHARS
 
+#: The codes svc.events.InvalidEvent may carry: a dead letter's x-reason starts with one.
+REFUSAL_CODES = {
+    "too-large",
+    "invalid-json",
+    "not-an-object",
+    "missing-type",
+    "bad-type",
+    "missing-id",
+    "empty-id",
+    "bad-id",
+    "id-too-long",
+}
+
 # Every character, lone surrogates (\ud800-\udfff) included.
 ANY_CHAR = st.characters(exclude_categories=())
 ANY_TEXT = st.text(ANY_CHAR, max_size=40)

@@ -29,7 +29,14 @@ from svc.events import MAX_ID_CHARS, Event, InvalidEvent, decode
 from svc.faults import HandledLog
 from svc.handlers import HANDLERS, handles
 from svc.metrics import Metrics
-from tests.hostile_samples import ANY_TEXT, NASTY_IDS, NASTY_KEYS, NASTY_NUMBERS, unescape_line
+from tests.hostile_samples import (
+    ANY_TEXT,
+    NASTY_IDS,
+    NASTY_KEYS,
+    NASTY_NUMBERS,
+    REFUSAL_CODES,
+    unescape_line,
+)
 
 PROPERTY = settings(
     max_examples=300,
@@ -38,18 +45,6 @@ PROPERTY = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-REFUSAL_CODES = {
-    "too-large",
-    "invalid-json",
-    "not-an-object",
-    "missing-type",
-    "bad-type",
-    "missing-id",
-    "empty-id",
-    "bad-id",
-    "id-too-long",
-}
 
 json_scalars = st.one_of(
     st.none(),
