@@ -46,7 +46,7 @@ from svc.config import (
     redact_url,
 )
 from svc.errors import ConfigError
-from svc.tls import broker_parameters, client_context, describe_handshake_error
+from svc.tls import broker_parameters, client_context, describe_connect_error
 
 log = logging.getLogger(__name__)
 
@@ -223,24 +223,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.urls = parse_rabbit_urls(args.url)
     except ValueError as exc:
         parser.error(f"--url {redact_url(args.url)!r} is invalid: expected {exc}")
-
-
-def describe_connect_error(error: BaseException | str) -> str:
-    """Why a connection attempt failed; pika wraps the cause (a refusal, a TLS error) in layers."""
-    if isinstance(error, str):
-        return error
-    cause = error
-    for _ in range(5):
-        exceptions = getattr(cause, "exceptions", None)  # a workflow failure: the last attempt's
-        inner = exceptions[-1] if exceptions else getattr(cause, "exception", None)  # a phase's
-        if inner is None and cause.args and isinstance(cause.args[0], BaseException):
-            inner = cause.args[0]
-        if not isinstance(inner, BaseException):
-            break
-        cause = inner
-    if isinstance(cause, ssl.SSLError):
-        return describe_handshake_error(cause)
-    return str(cause) or repr(cause)
 
 
 # --- what to publish --------------------------------------------------------------------------

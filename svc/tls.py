@@ -86,6 +86,34 @@ def broker_parameters(url: str, context: ssl.SSLContext | None) -> pika.URLParam
     return params
 
 
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The innermost cause of a failed pika connection attempt (a refusal, a TLS error).
+
+    pika wraps it in layers: a workflow failure holds each attempt's error, a phase's error
+    holds the exception that ended the phase, and a connection error may carry either.
+    """
+    cause = error
+    for _ in range(5):
+        exceptions = getattr(cause, "exceptions", None)
+        inner = exceptions[-1] if exceptions else getattr(cause, "exception", None)
+        if inner is None and cause.args and isinstance(cause.args[0], BaseException):
+            inner = cause.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    return cause
+
+
+def describe_connect_error(error: BaseException | str) -> str:
+    """Why a connection attempt failed, in a line: the TLS reason, or the innermost error."""
+    if isinstance(error, str):
+        return error
+    cause = _innermost_cause(error)
+    if isinstance(cause, ssl.SSLError):
+        return describe_handshake_error(cause)
+    return str(cause) or repr(cause)
+
+
 def describe_handshake_error(exc: BaseException) -> str:
     """A short reason for a failed TLS handshake, with the fix when there is an obvious one."""
     text = str(exc)
