@@ -32,24 +32,21 @@ def decode(body: bytes) -> Event:
     """Decode one delivery body, or raise InvalidEvent saying what is wrong with it."""
     if len(body) > MAX_BODY_BYTES:
         raise InvalidEvent("too-large", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
-    # The pairs of the outermost object, in the order of the text: it is the last object the
-    # parser finishes. A dict would keep a repeated key at its first position with its last
-    # value, so {"ID":1,"id":2,"ID":3} would yield 2 where Go's decoder yields 3.
-    outer_pairs: list[tuple[str, Any]] = []
-
-    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        outer_pairs[:] = pairs
-        return dict(pairs)
-
     try:
-        document = json.loads(body, object_pairs_hook=keep_pairs)
+        document = json.loads(body)
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad JSON, bad UTF-8 and integers too long to convert.
         raise InvalidEvent("invalid-json", _first_line(exc)) from None
     if not isinstance(document, dict):
         raise InvalidEvent("not-an-object", f"JSON {type(document).__name__} instead of object")
 
-    fields = _fold_keys(outer_pairs)
+    fields = {k.lower(): v for k, v in document.items() if k.lower() in _FIELDS}
+    if len(fields) < sum(1 for k in document if k.lower() in _FIELDS):
+        # Two spellings of one field, such as "ID" and "id": Go's decoder takes the one that
+        # comes last in the text, which a dict does not tell (a repeated key keeps its first
+        # position), so {"ID":1,"id":2,"ID":3} would yield 2 where Go yields 3. Rare: read the
+        # pairs in the order of the text.
+        fields = _fold_keys(_outer_pairs(body))
     if "type" not in fields:
         raise InvalidEvent("missing-type", "no 'type' key")
     event_type = fields["type"]
@@ -64,9 +61,25 @@ def decode(body: bytes) -> Event:
     return Event(id=_usable_id(fields["id"]), type=event_type, args=fields.get("args"))
 
 
+_FIELDS = ("id", "type", "args")
+
+
+def _outer_pairs(body: bytes) -> list[tuple[str, Any]]:
+    """The pairs of the outermost object of a body known to parse, in the order of the text."""
+    # The outermost object is the last one the parser finishes.
+    outer_pairs: list[tuple[str, Any]] = []
+
+    def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        outer_pairs[:] = pairs
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=keep_pairs)
+    return outer_pairs
+
+
 def _fold_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """Pick id/type/args whatever their case; a later key in the text wins, as in Go's decoder."""
-    return {k.lower(): v for k, v in pairs if k.lower() in ("id", "type", "args")}
+    return {k.lower(): v for k, v in pairs if k.lower() in _FIELDS}
 
 
 def _usable_id(value: Any) -> str:
