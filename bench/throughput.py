@@ -1576,7 +1576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.30,
         help="share of repeated ids in the second workload (0: skip it)",
     )
-    parser.add_argument("--prefetch", type=int, default=100, help="svc PREFETCH")
+    parser.add_argument(
+        "--prefetch", type=int, default=500, help="svc PREFETCH (the service's default)"
+    )
     parser.add_argument("--latency-events", type=int, default=1000)
     parser.add_argument("--latency-interval-ms", type=float, default=20.0)
     parser.add_argument("--ids", type=int, default=1_000_000, help="ids preloaded for startup")

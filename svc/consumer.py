@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -54,6 +56,10 @@ DROPPED_HEADERS_HEADER = "x-original-headers-dropped"
 # How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
 IDLE_WAIT_SECONDS = 0.5
 HOLD_RETRY_SECONDS = 1.0
+# Handled batches whose records may be on their way to etcd at once. While they are, the broker
+# keeps delivering and this thread keeps decoding and handling: it waits for etcd only when
+# this many are still unanswered.
+RECORDS_IN_FLIGHT = 2
 # Broker errors after which reconnecting can help.
 CONNECTION_ERRORS = (
     pika.exceptions.AMQPConnectionError,
@@ -87,13 +93,20 @@ class Batch:
 
     settled: list[Delivery] = field(default_factory=list)
     to_handle: list[Delivery] = field(default_factory=list)
-    #: later copies of an id this batch claims: they share the first copy's fate
+    #: the deliveries whose ids this batch asks etcd for, by id
+    primaries: dict[str, Delivery] = field(default_factory=dict)
+    #: later copies of an id this batch or ``earlier`` claims: they share the first copy's fate
     followers: list[Delivery] = field(default_factory=list)
+    #: the batch claimed just before this one, if it was not handled yet when this one came
+    earlier: Batch | None = None
     held: list[Delivery] = field(default_factory=list)
     #: ids this process claimed for the batch
     claimed: list[str] = field(default_factory=list)
     #: ids handled and not yet recorded in etcd; the batch is acked once they are
     to_record: list[str] = field(default_factory=list)
+    #: the claim of ``claimed``, then the record of ``to_record``, while etcd has them
+    claiming: Future[dict[str, Verdict]] | None = None
+    recording: Future[None] | None = None
 
 
 class Consumer:
@@ -202,6 +215,7 @@ class Consumer:
         self._close()
         self._worker.shutdown(wait=True)
         self._store_thread.shutdown(wait=True)
+        self._claim_thread.shutdown(wait=True)
         self.handled_log.close()
 
     def _connect(self) -> None:
@@ -278,20 +292,27 @@ class Consumer:
         Handled ids are recorded, so their redelivered copies are skipped instead of handled
         again; ids claimed but not handled are released, so that no replica waits for them.
         """
-        batches = [b for b in (self._unrecorded, self._current) if b is not None]
-        self._unrecorded = self._current = None
+        batches = [*self._unrecorded, self._current, self._claiming]
+        self._unrecorded.clear()
+        self._current = self._claiming = None
         self._salvaging = True
         try:
-            self._settle_in_store(batches)
+            self._settle_in_store([b for b in batches if b is not None])
         finally:
             self._salvaging = False
 
     def _settle_in_store(self, batches: list[Batch]) -> None:
         for batch in batches:
+            # A claim or record still on its way to etcd may yet be applied: let it land first,
+            # or a release could overtake the claim and leave the id held by our live lease.
+            if batch.claiming is not None:
+                wait_for_futures([batch.claiming])
+            if batch.recording is not None:
+                wait_for_futures([batch.recording])
             recorded = set(batch.to_record)
             unhandled = [i for i in batch.claimed if i not in recorded]
             try:
-                if batch.to_record:
+                if batch.to_record and not _succeeded(batch.recording):
                     self._retry_store(lambda: self.store.record(batch.to_record))  # noqa: B023
                 if unhandled:
                     self._retry_store(lambda: self.store.release(unhandled))  # noqa: B023
@@ -302,7 +323,8 @@ class Consumer:
 
     def _forget_connection(self) -> None:
         # Tags of the lost channel mean nothing on the next one; the broker requeued them.
-        self._unrecorded = self._current = None
+        self._unrecorded.clear()
+        self._current = self._claiming = None
         self._inbox.clear()
         self._held.clear()
         self._unacked.clear()
@@ -390,47 +412,89 @@ class Consumer:
         self.crash.reached("after-delivery")
         self._advance(batch)
 
-    def _advance(self, batch: Batch | None) -> None:
-        """One pipeline step: record and ack the previous batch, claim and handle ``batch``.
+    def _pipeline_busy(self) -> bool:
+        return self._claiming is not None or bool(self._unrecorded)
 
-        The previous batch's record and this batch's claim go to etcd at the same time, so a
-        busy stream pays about one etcd round trip per batch instead of two. A batch with
-        nothing to record is acked in the same step.
+    def _advance(self, batch: Batch | None) -> None:
+        """One pipeline step: claim ``batch``, handle the batch claimed before, ack the recorded.
+
+        This thread waits for etcd as little as it can. ``batch``'s claim goes out at once and
+        is answered while the batch before it is handled; a handled batch's record goes out at
+        once and is waited for only when RECORDS_IN_FLIGHT others are still unanswered. So the
+        broker keeps delivering, and this thread keeps decoding and handling, while etcd
+        writes. Batches are acked in the order they came. ``None`` (nothing else is waiting)
+        finishes every batch in hand, so a lone event is not held back.
         """
-        previous = self._unrecorded
-        to_record = previous.to_record if previous is not None else []
-        claims = self._plan_claims(batch, previous) if batch is not None else {}
-        self._current = batch
+        earlier = self._claiming
         if batch is not None:
+            self._start_claim(batch, earlier)
+        self._finish_recorded(room=RECORDS_IN_FLIGHT - 1 if batch is not None else 0)
+        if earlier is not None:
+            self._claiming = None
+            self._process(earlier)
+        if batch is not None:
+            if batch.claiming is not None:
+                self._claiming = batch  # handled in the next step, or when nothing else comes
+            else:
+                self._process(batch)
+        if batch is None:
+            self._finish_recorded(room=0)
+
+    def _start_claim(self, batch: Batch, earlier: Batch | None) -> None:
+        batch.primaries = self._plan_claims(batch, earlier)
+        if batch.primaries:
             # Until etcd answers, every id asked for may be ours: a claim whose reply was lost
             # may have been applied. If the connection goes first, _salvage releases them all
             # (a release deletes only keys holding our own token), or they would stay held by
             # our live lease and no replica would ever handle those events.
-            batch.claimed = list(claims)
-        # The record runs on the store thread while this thread claims.
-        recording = self._store_thread.submit(self.store.record, to_record) if to_record else None
-        verdicts = self._retry_store(lambda: self.store.claim(list(claims))) if claims else {}
-        if batch is not None:
+            batch.claimed = list(batch.primaries)
+            batch.claiming = self._claim_thread.submit(self.store.claim, batch.claimed)
+
+    def _process(self, batch: Batch) -> None:
+        """Sort a batch by its claim's verdicts, handle it, and send its record to etcd."""
+        self._current = batch
+        if batch.claiming is not None:
+            verdicts = self._await_claim(batch)
             batch.claimed = [i for i, v in verdicts.items() if v is Verdict.NEW]
-        if recording is not None:
-            try:
-                recording.result()
-            except StoreUnavailable:
-                self._retry_store(lambda: self.store.record(to_record))
-        self._unrecorded = None
-        if previous is not None:
-            self._finish(previous)
-        if batch is None:
-            return
-        if claims:
             self.crash.reached("after-claim")
-        self._apply_verdicts(batch, claims, verdicts)
+            self._apply_verdicts(batch, verdicts)
+        elif batch.followers:
+            self._apply_verdicts(batch, {})
         self._handle(batch)
         self._current = None
         if batch.to_record:
-            self._unrecorded = batch
+            batch.recording = self._store_thread.submit(self.store.record, batch.to_record)
+            self._unrecorded.append(batch)
+        elif self._unrecorded:
+            self._unrecorded.append(batch)  # acked after the batches before it
         else:
             self._finish(batch)
+
+    def _finish_recorded(self, room: int) -> None:
+        """Ack recorded batches, oldest first; wait for etcd until at most ``room`` are left."""
+        while self._unrecorded:
+            oldest = self._unrecorded[0]
+            done = oldest.recording is None or oldest.recording.done()
+            if len(self._unrecorded) <= room and not done:
+                return
+            self._await_record(oldest)
+            self._unrecorded.popleft()
+            self._finish(oldest)
+
+    def _await_claim(self, batch: Batch) -> dict[str, Verdict]:
+        assert batch.claiming is not None
+        try:
+            return batch.claiming.result()
+        except StoreUnavailable:
+            return self._retry_store(lambda: self.store.claim(batch.claimed))
+
+    def _await_record(self, batch: Batch) -> None:
+        if batch.recording is None:
+            return
+        try:
+            batch.recording.result()
+        except StoreUnavailable:
+            self._retry_store(lambda: self.store.record(batch.to_record))
 
     def _finish(self, batch: Batch) -> None:
         """Ack a batch whose records are durable; hold what another replica is handling."""
@@ -472,35 +536,39 @@ class Consumer:
             return
         batch.to_handle.append(delivery)
 
-    def _plan_claims(self, batch: Batch, previous: Batch | None) -> dict[str, Delivery]:
+    def _plan_claims(self, batch: Batch, earlier: Batch | None) -> dict[str, Delivery]:
         """Pick the deliveries whose ids must be claimed; skip or set aside the rest.
 
-        An id already finished is skipped. A later copy of an id in this batch, or of one the
-        previous batch is recording, follows the first copy's fate (see _apply_verdicts).
+        An id already finished is skipped, and so is one an earlier batch is recording: that
+        record is durable before this batch is acked. A later copy of an id this batch or the
+        one before it claims follows the first copy's fate (see _apply_verdicts).
         """
         if not self._dedup_on:
             return {}
         candidates, batch.to_handle = batch.to_handle, []
-        in_previous = set(previous.to_record) if previous is not None else set()
+        recording = {i for b in self._unrecorded for i in b.to_record}
+        claimed_before = earlier.primaries if earlier is not None else {}
         primaries: dict[str, Delivery] = {}
         for delivery in candidates:
             event_id = _event(delivery).id
-            if self.store.is_known(event_id) or event_id in in_previous:
-                # The previous batch's record is durable before this batch is acked.
+            if self.store.is_known(event_id) or event_id in recording:
                 self._skip(delivery, batch)
-            elif event_id in primaries:
+            elif event_id in primaries or event_id in claimed_before:
                 batch.followers.append(delivery)
             else:
                 primaries[event_id] = delivery
+        if batch.followers:
+            batch.earlier = earlier
         return primaries
 
-    def _apply_verdicts(
-        self, batch: Batch, primaries: dict[str, Delivery], verdicts: dict[str, Verdict]
-    ) -> None:
-        """Sort claimed deliveries: ours to handle, finished to skip, busy elsewhere to hold."""
-        if not self._dedup_on:
-            return
-        for event_id, delivery in primaries.items():
+    def _apply_verdicts(self, batch: Batch, verdicts: dict[str, Verdict]) -> None:
+        """Sort claimed deliveries: ours to handle, finished to skip, busy elsewhere to hold.
+
+        A follower is held when its first copy was, and skipped otherwise: the first copy was
+        finished before, or is handled in this batch or the one before, whose record is
+        durable before this batch is acked.
+        """
+        for event_id, delivery in batch.primaries.items():
             verdict = verdicts[event_id]
             if verdict is Verdict.NEW:
                 batch.to_handle.append(delivery)
@@ -509,6 +577,9 @@ class Consumer:
             else:
                 batch.held.append(delivery)
         busy = {_event(d).id for d in batch.held}
+        if batch.earlier is not None:
+            busy.update(_event(d).id for d in batch.earlier.held)
+            batch.earlier = None  # let it go once acked
         for delivery in batch.followers:
             if _event(delivery).id in busy:
                 batch.held.append(delivery)
@@ -769,3 +840,7 @@ def _safe(text: str, limit: int = 80) -> str:
 def _brief(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _succeeded(future: Future[None] | None) -> bool:
+    return future is not None and future.done() and future.exception() is None
