@@ -14,8 +14,9 @@ Modes (``--mode``, comma-separated, or ``all``):
     (persistent, publisher confirms in flight by the thousand). Then one consumer drains it:
     the reference consumer (``bench/reference_consumer.py``) with ``multiple=True`` acks every
     100, with an ack per delivery, and with no acks; ``python -m svc`` with ENABLE_ETCD=false
-    and =true (LOG_EVENTS=false), and one run with LOG_EVENTS=true. Two workloads: N distinct
-    ids, then N events of which 30% repeat an earlier id. Runs are interleaved (round 1 of
+    and =true (LOG_EVENTS=false), and one run each with LOG_EVENTS=true, capped at the default
+    LOG_EVENTS_PER_SECOND and uncapped. Two workloads: N distinct ids, then N events of which
+    30% repeat an earlier id. Runs are interleaved (round 1 of
     every configuration, then round 2, ...) so that the machine's drift spreads over all.
 
     svc's drain time runs from the moment its log says ``consuming from`` until the statsd
@@ -792,7 +793,8 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def svc_env(ctx: Context, name: str, dedup: bool, log_events: bool) -> dict[str, str]:
+def svc_env(ctx: Context, name: str, dedup: bool, log_events: str | None) -> dict[str, str]:
+    """svc's settings; ``log_events`` is None (no per-event lines) or LOG_EVENTS_PER_SECOND."""
     return {
         **base_env(),
         "SERVICE_NAME": name,
@@ -802,9 +804,9 @@ def svc_env(ctx: Context, name: str, dedup: bool, log_events: bool) -> dict[str,
         "STATSD_HOST": "127.0.0.1",
         "STATSD_PORT": str(ctx.statsd.port),
         "PREFETCH": str(ctx.args.prefetch),
-        "LOG_EVENTS": "true" if log_events else "false",
+        "LOG_EVENTS": "false" if log_events is None else "true",
         "LOG_LEVEL": "INFO",
-    }
+    } | ({} if log_events is None else {"LOG_EVENTS_PER_SECOND": log_events})
 
 
 def svc_argv(profile_to: Path | None = None) -> list[str]:
@@ -862,7 +864,7 @@ def run_svc(
     events: int,
     *,
     dedup: bool,
-    log_events: bool = False,
+    log_events: str | None = None,
     replicas: int = 1,
     argv: Sequence[str] | None = None,
     ready_line: str | None = "",
@@ -1034,14 +1036,22 @@ def throughput_configs(args: argparse.Namespace, full: bool) -> list[Config]:
         ),
     ]
     if full:
-        configs.append(
+        configs += [
             Config(
                 "svc-on-logs",
-                "python -m svc, ENABLE_ETCD=true, LOG_EVENTS=true",
-                lambda c, n, e: run_svc(c, "svc-on-logs", n, e, dedup=True, log_events=True),
+                "python -m svc, ENABLE_ETCD=true, LOG_EVENTS=true (per-event lines capped at the "
+                "default LOG_EVENTS_PER_SECOND=100)",
+                lambda c, n, e: run_svc(c, "svc-on-logs", n, e, dedup=True, log_events="100"),
                 rounds=1,
-            )
-        )
+            ),
+            Config(
+                "svc-on-all-lines",
+                "python -m svc, ENABLE_ETCD=true, LOG_EVENTS=true, LOG_EVENTS_PER_SECOND=0 "
+                "(every per-event line)",
+                lambda c, n, e: run_svc(c, "svc-on-all-lines", n, e, dedup=True, log_events="0"),
+                rounds=1,
+            ),
+        ]
     go_bin = os.environ.get("GO_SVC_BIN")
     if go_bin:
         configs += [

@@ -30,6 +30,7 @@ STATSD_PORT = "STATSD_PORT"
 PREFETCH = "PREFETCH"
 LOG_LEVEL = "LOG_LEVEL"
 LOG_EVENTS = "LOG_EVENTS"
+LOG_EVENTS_PER_SECOND = "LOG_EVENTS_PER_SECOND"
 ETCD_TIMEOUT = "ETCD_TIMEOUT"
 DEDUP_CLAIM_TTL = "DEDUP_CLAIM_TTL"
 DEDUP_TTL = "DEDUP_TTL"
@@ -59,9 +60,10 @@ DEFAULTS: dict[str, str] = {
     ETCD_ENDPOINTS: "localhost:2379",
     STATSD_HOST: "127.0.0.1",
     STATSD_PORT: "8125",
-    PREFETCH: "100",
+    PREFETCH: "500",
     LOG_LEVEL: "INFO",
     LOG_EVENTS: "true",
+    LOG_EVENTS_PER_SECOND: "100",
     ETCD_TIMEOUT: "5",
     DEDUP_CLAIM_TTL: "30",
     DEDUP_TTL: "forever",
@@ -112,9 +114,11 @@ class Settings:
     etcd_password: str | None = field(default=None, repr=False)
     statsd_host: str = "127.0.0.1"
     statsd_port: int = 8125
-    prefetch: int = 100
+    prefetch: int = 500
     log_level: str = "INFO"
     log_events: bool = True
+    #: per-event lines a second at most, the rest only counted; 0: no cap
+    log_events_per_second: int = 100
     etcd_timeout_seconds: float = 5.0
     claim_ttl_seconds: int = 30
     dedup_ttl_seconds: int | None = None
@@ -146,6 +150,7 @@ class Settings:
             + f"etcd_timeout={self.etcd_timeout_seconds:g}s "
             f"claim_ttl={self.claim_ttl_seconds}s statsd={self.statsd_host}:{self.statsd_port} "
             f"prefetch={self.prefetch} log_level={self.log_level} log_events={self.log_events} "
+            f"log_events_per_second={self.log_events_per_second} "
             f"dedup_ttl={self.dedup_ttl_seconds or 'forever'} max_attempts={self.max_attempts}"
             + (f" TEST_CRASH_AT={self.crash_at}" if self.crash_at else "")
             + (f" TEST_HANDLED_LOG={self.handled_log}" if self.handled_log else "")
@@ -195,6 +200,7 @@ def load_settings(
         prefetch=read(env, PREFETCH, parse_prefetch),
         log_level=read(env, LOG_LEVEL, parse_log_level),
         log_events=read(env, LOG_EVENTS, parse_flag),
+        log_events_per_second=read(env, LOG_EVENTS_PER_SECOND, parse_lines_per_second),
         etcd_timeout_seconds=read(env, ETCD_TIMEOUT, parse_seconds),
         claim_ttl_seconds=read(env, DEDUP_CLAIM_TTL, parse_whole_seconds),
         dedup_ttl_seconds=read(env, DEDUP_TTL, parse_optional_ttl),
@@ -413,6 +419,12 @@ def parse_port(raw: str) -> int:
 def parse_prefetch(raw: str) -> int:
     if not _is_decimal(raw) or not 1 <= int(raw) <= _MAX_PREFETCH:
         raise ValueError(f"a positive integer of at most {_MAX_PREFETCH}")
+    return int(raw)
+
+
+def parse_lines_per_second(raw: str) -> int:
+    if not _is_decimal(raw) or int(raw) > 1_000_000:
+        raise ValueError("a whole number of lines a second, 0 (no cap) to 1000000")
     return int(raw)
 
 

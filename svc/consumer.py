@@ -37,6 +37,7 @@ from svc.errors import BrokerRefused, StoreRefused, StoreUnavailable, TopologyEr
 from svc.events import Event, InvalidEvent, decode
 from svc.faults import CrashPoint, HandledLog
 from svc.handlers import HANDLERS, Handler, run_handlers
+from svc.log_budget import LineBudget
 from svc.tls import broker_parameters, client_context, describe_handshake_error
 
 if TYPE_CHECKING:
@@ -136,17 +137,24 @@ class Consumer:
         self._unacked: set[int] = set()
         self._next_summary = time.monotonic() + settings.summary_interval_seconds
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
-        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._unrecorded: Batch | None = None  # handled, its record to go with the next claim
-        self._current: Batch | None = None  # being claimed and handled
+        # Records go out while the next batch is claimed, each on a thread of its own.
+        self._store_thread = ThreadPoolExecutor(
+            max_workers=RECORDS_IN_FLIGHT, thread_name_prefix="store"
+        )
+        self._claim_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
+        self._claiming: Batch | None = None  # its claim in etcd's hands, handled next step
+        self._current: Batch | None = None  # being handled
+        # Handled, oldest first, to be acked in this order once etcd has their records.
+        self._unrecorded: deque[Batch] = deque()
         self._salvaging = False
-        # Half the prefetch window: while one batch waits for its record, the broker can already
-        # deliver the next one, so the two share a round trip to etcd.
-        self._batch_limit = max(1, settings.prefetch // 2)
+        # The window holds the batches being recorded, the one being handled, the one being
+        # claimed, and room for the broker to deliver the next one meanwhile.
+        self._batch_limit = max(1, settings.prefetch // (RECORDS_IN_FLIGHT + 3))
         self._tls_context = (
             client_context(settings.rabbit_tls) if settings.rabbit_tls.is_set else None
         )
         self.crash = CrashPoint(settings.crash_at)
+        self._event_lines = LineBudget(settings.log_events_per_second)
         self.handled_log = HandledLog(settings.service_name, settings.handled_log)
         # Headers come from publishers: one pika cannot decode must not break the connection.
         amqp_fields.install()
@@ -380,18 +388,19 @@ class Consumer:
         assert self._connection is not None
         while not self._stopping:
             self._check_connection()
-            busy = self._inbox or self._unrecorded is not None
+            busy = self._inbox or self._pipeline_busy()
             self._connection.process_data_events(time_limit=0 if busy else IDLE_WAIT_SECONDS)
             if self._inbox:
                 self._gather()
                 limit = self._batch_limit
                 batch, self._inbox = self._inbox[:limit], self._inbox[limit:]
                 self._settle(batch)
-            elif self._unrecorded is not None:
+            elif self._pipeline_busy():
                 self._advance(None)  # nothing else waits: record and ack at once
             self._retry_held()
+            self._event_lines.tick()
             self._summarise()
-        if self._unrecorded is not None:
+        if self._pipeline_busy():
             self._advance(None)
 
     def _gather(self) -> None:
@@ -525,7 +534,7 @@ class Consumer:
             batch.settled.append(delivery)
             return
         delivery.event = event
-        if self.settings.log_events:
+        if self.settings.log_events and self._event_lines.allow():
             log.info(
                 "received id=%s type=%s tag=%d", _safe(event.id), _safe(event.type), delivery.tag
             )
@@ -815,6 +824,8 @@ class Consumer:
         event = delivery.event
         if event is None or delivery.outcome.startswith("dead-lettered"):
             return  # already logged at WARNING by _dead_letter
+        if not self._event_lines.allow():
+            return
         log.info("%s id=%s %s", _safe(event.type), _safe(event.id), delivery.outcome)
 
 

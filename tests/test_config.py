@@ -23,7 +23,9 @@ def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
     assert s.rabbit_urls == ("amqp://guest:guest@localhost:5672/%2F",)
     assert s.etcd_endpoints == (("localhost", 2379),)
     assert (s.statsd_host, s.statsd_port) == ("127.0.0.1", 8125)
-    assert s.prefetch == 100
+    assert s.prefetch == 500
+    assert s.log_events is True
+    assert s.log_events_per_second == 100
     assert s.log_level == "INFO"
     assert s.queue == "orders-queue"
     assert s.dead_letter_queue == "orders-dlq"
@@ -61,6 +63,8 @@ def test_enable_etcd_accepts_every_documented_spelling(
         ("PREFETCH", "-3", "positive integer"),
         ("PREFETCH", "abc", "positive integer"),
         ("PREFETCH", "70000", "65535"),
+        ("LOG_EVENTS_PER_SECOND", "-1", "0 (no cap) to 1000000"),
+        ("LOG_EVENTS_PER_SECOND", "lots", "whole number of lines a second"),
         ("LOG_LEVEL", "LOUD", "logging level"),
         ("RABBIT_URL", "http://x", "AMQP URL"),
         ("RABBIT_URL", "amqp://h:99999/", "port"),
