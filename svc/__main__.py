@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def usage() -> str:
     """The settings, with their defaults, for ``python -m svc --help``."""
+    width = max(len(name) for name in DEFAULTS)
     rows = [
-        f"  {name:<{20}} default: {value if value else '(unset)'}"
+        f"  {name:<{width}} default: {value if value else '(unset)'}"
         for name, value in DEFAULTS.items()
         if not name.startswith("TEST_")
     ]
@@ -99,7 +100,7 @@ def usage() -> str:
             "Consumes events from the RabbitMQ exchange 'events' on its own queue <name>-queue,",
             "skips ids it has handled before (ENABLE_ETCD=true), and counts in statsd.",
             "Settings come from the environment, then a .env file in the working directory:",
-            f"  {SERVICE_NAME:<{20}} required: [a-z0-9_-], at most 64 characters",
+            f"  {SERVICE_NAME:<{width}} required: [a-z0-9_-], at most 64 characters",
             *rows,
             f"Secrets may come from files instead: {secrets}.",
             "The README's 'Settings' section says what each one does.",
