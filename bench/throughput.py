@@ -1309,7 +1309,7 @@ def latency_run(ctx: Context) -> dict[str, float]:
     ctx.admin.prepare(name)
     tracker = ctx.statsd.track([f"{name}_new_order_ok", f"{name}_new_order_skipped"])
     recorded = RecordWatch(ctx.etcd, name)
-    daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, False), "latency")
+    daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, None), "latency")
     connection = pika.BlockingConnection(pika.URLParameters(ctx.vhost.url(heartbeat=0)))
     try:
         daemon.wait_line(f"consuming from {name}-queue", 120)
@@ -1427,7 +1427,7 @@ def startup_shape(ctx: Context, shape: str) -> list[str]:
     ctx.admin.prepare(name)
     runs: list[dict[str, float]] = []
     for _ in range(args.runs):
-        daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, False), "startup")
+        daemon = start_daemon(ctx, svc_argv(), svc_env(ctx, name, True, None), "startup")
         etcd_cpu_before = ctx.etcd.cpu_seconds()
         try:
             ready = daemon.wait_line(f"consuming from {name}-queue", 300)
