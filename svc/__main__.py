@@ -22,6 +22,7 @@ from svc.config import (
     Settings,
     level_number,
     load_settings,
+    shown_default,
 )
 from svc.consumer import Consumer
 from svc.dedup import DedupStore, open_store
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     log.info("starting: %s", settings.describe())
+    for name in settings.empty_with_default:
+        # An empty value often comes from a compose file or a .env line left blank: say so, as
+        # a mistyped value would have stopped the service.
+        log.warning("%s is set but empty: its default %s applies", name, shown_default(name))
     metrics = Metrics(settings.service_name, settings.statsd_host, settings.statsd_port)
     # As in the original: the series exist in Graphite before the first event.
     metrics.announce("new_order_ok", "new_order_skipped")

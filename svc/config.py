@@ -127,6 +127,8 @@ class Settings:
     handler_modules: tuple[str, ...] = ()
     crash_at: str | None = None
     handled_log: str | None = None
+    #: variables set to an empty value, for which the default applies
+    empty_with_default: tuple[str, ...] = ()
 
     @property
     def queue(self) -> str:
@@ -209,6 +211,9 @@ def load_settings(
         handler_modules=read(env, HANDLER_MODULES, parse_module_names),
         crash_at=read(env, TEST_CRASH_AT, parse_crash_point),
         handled_log=read(env, TEST_HANDLED_LOG, lambda raw: raw or None),
+        empty_with_default=tuple(
+            name for name, value in env.items() if DEFAULTS.get(name) and not value.strip()
+        ),
     )
 
 
@@ -231,6 +236,11 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
         return parse(raw.strip())
     except ValueError as exc:
         raise ConfigError(f"{name}={_shown(name, raw)} is invalid: expected {exc}") from None
+
+
+def shown_default(name: str) -> str:
+    """The default of ``name`` fit for a log line (a password in the default URL hidden)."""
+    return _shown(name, DEFAULTS[name])
 
 
 def _shown(name: str, raw: str) -> str:

@@ -26,6 +26,18 @@ def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
     assert s.prefetch == 500
     assert s.log_events is True
     assert s.log_events_per_second == 100
+    assert s.empty_with_default == ()
+
+
+def test_empty_values_take_the_default_and_are_listed(tmp_path: Path) -> None:
+    s = settings_from(
+        {"SERVICE_NAME": "orders", "PREFETCH": "", "ETCD_ENDPOINTS": " ", "RABBIT_PASSWORD": ""},
+        tmp_path,
+    )
+    assert s.prefetch == 500
+    assert s.etcd_endpoints == (("localhost", 2379),)
+    # RABBIT_PASSWORD's default is empty: an empty value is no surprise there.
+    assert sorted(s.empty_with_default) == ["ETCD_ENDPOINTS", "PREFETCH"]
     assert s.log_level == "INFO"
     assert s.queue == "orders-queue"
     assert s.dead_letter_queue == "orders-dlq"

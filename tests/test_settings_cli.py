@@ -141,6 +141,22 @@ def test_real_environment_wins_over_dotenv(
 
 
 @pytest.mark.rabbit
+def test_an_empty_setting_takes_its_default_with_a_warning_naming_it(
+    run_service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """PREFETCH= (as a blank .env line or compose variable gives) is not an error, but it is
+    not silent either: the service says which default it took."""
+    (tmp_path / ".env").write_text("PREFETCH=\nLOG_EVENTS=\n")
+
+    svc = run_service(unique_name("orders"), cwd=tmp_path)
+
+    warnings = [line for line in svc.snapshot() if " WARNING " in line]
+    assert any("PREFETCH is set but empty: its default '500' applies" in w for w in warnings)
+    assert any("LOG_EVENTS is set but empty: its default 'true' applies" in w for w in warnings)
+    assert svc.matches(r"prefetch=500\b"), svc.text()
+
+
+@pytest.mark.rabbit
 def test_rabbit_password_never_logged_while_settings_are(
     request: pytest.FixtureRequest,
     run_service: Callable[..., ServiceProcess],
