@@ -780,9 +780,12 @@ class Consumer:
             "", self.settings.dead_letter_queue, delivery.body, properties, mandatory=True
         )
         self._dead_letters_uncommitted += 1
+        # The id, when the body had a usable one, lets a reader find the event in the queue.
+        event_id = f" id={_safe(delivery.event.id)}" if delivery.event is not None else ""
         log.warning(
-            "dead-lettered tag=%d to %s: %s: %s",
+            "dead-lettered tag=%d%s to %s: %s: %s",
             delivery.tag,
+            event_id,
             self.settings.dead_letter_queue,
             code,
             detail,

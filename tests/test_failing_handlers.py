@@ -88,7 +88,7 @@ def test_handler_that_always_fails_is_dead_lettered_its_claim_released_and_consu
     poison = event("always_failing", "poison-1", calls_file=str(calls))
 
     publisher.publish(poison)
-    svc.wait_for_line("dead-lettered", timeout=30)
+    svc.wait_for_line("id=poison-1 to", timeout=30)  # "dead-lettered tag=1 id=poison-1 to ..."
     publisher.publish(event("new_order", "good-after-poison"))
 
     svc.wait_for_line("new_order id=good-after-poison ok")
