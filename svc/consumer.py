@@ -142,7 +142,8 @@ class Consumer:
             max_workers=RECORDS_IN_FLIGHT, thread_name_prefix="store"
         )
         self._claim_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
-        self._claiming: Batch | None = None  # its claim in etcd's hands, handled next step
+        # Claims in etcd's hands, not handled yet: the batch handled next, and the one after it.
+        self._claimed: list[Batch] = []
         self._current: Batch | None = None  # being handled
         # Handled, oldest first, to be acked in this order once etcd has their records.
         self._unrecorded: deque[Batch] = deque()
@@ -300,9 +301,10 @@ class Consumer:
         Handled ids are recorded, so their redelivered copies are skipped instead of handled
         again; ids claimed but not handled are released, so that no replica waits for them.
         """
-        batches = [*self._unrecorded, self._current, self._claiming]
+        batches = [*self._unrecorded, self._current, *self._claimed]
         self._unrecorded.clear()
-        self._current = self._claiming = None
+        self._claimed.clear()
+        self._current = None
         self._salvaging = True
         try:
             self._settle_in_store([b for b in batches if b is not None])
@@ -332,7 +334,8 @@ class Consumer:
     def _forget_connection(self) -> None:
         # Tags of the lost channel mean nothing on the next one; the broker requeued them.
         self._unrecorded.clear()
-        self._current = self._claiming = None
+        self._claimed.clear()
+        self._current = None
         self._inbox.clear()
         self._held.clear()
         self._unacked.clear()
@@ -422,7 +425,7 @@ class Consumer:
         self._advance(batch)
 
     def _pipeline_busy(self) -> bool:
-        return self._claiming is not None or bool(self._unrecorded)
+        return bool(self._claimed or self._unrecorded)
 
     def _advance(self, batch: Batch | None) -> None:
         """One pipeline step: claim ``batch``, handle the batch claimed before, ack the recorded.
@@ -434,18 +437,14 @@ class Consumer:
         writes. Batches are acked in the order they came. ``None`` (nothing else is waiting)
         finishes every batch in hand, so a lone event is not held back.
         """
-        earlier = self._claiming
+        earlier = self._claimed[0] if self._claimed else None
         if batch is not None:
             self._start_claim(batch, earlier)
         self._finish_recorded(room=RECORDS_IN_FLIGHT - 1 if batch is not None else 0)
         if earlier is not None:
-            self._claiming = None
             self._process(earlier)
-        if batch is not None:
-            if batch.claiming is not None:
-                self._claiming = batch  # handled in the next step, or when nothing else comes
-            else:
-                self._process(batch)
+        if batch is not None and batch.claiming is None:
+            self._process(batch)  # nothing to wait for; else handled in the next step
         if batch is None:
             self._finish_recorded(room=0)
 
@@ -458,9 +457,12 @@ class Consumer:
             # our live lease and no replica would ever handle those events.
             batch.claimed = list(batch.primaries)
             batch.claiming = self._claim_thread.submit(self.store.claim, batch.claimed)
+            self._claimed.append(batch)  # from now on, _salvage knows of its claim
 
     def _process(self, batch: Batch) -> None:
         """Sort a batch by its claim's verdicts, handle it, and send its record to etcd."""
+        if batch.claiming is not None:
+            self._claimed.remove(batch)
         self._current = batch
         if batch.claiming is not None:
             verdicts = self._await_claim(batch)
