@@ -201,3 +201,47 @@ def test_claim_applied_but_unanswered_then_broker_lost_is_released_for_another_r
     finally:
         to_etcd.stop()
         to_broker.stop()
+
+
+def test_broker_lost_while_the_next_batch_is_claimed_ahead_releases_that_claim(
+    run_dedup_service: Callable[..., ServiceProcess],
+    publisher: Publisher,
+    etcd_server: EtcdServer,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    """A claims the next batch while it still handles the one before; its broker connection
+    goes while that slow handler runs, and A cannot reconnect. A must release the claim it made
+    ahead before giving up the connection: its lease stays alive, so that claim would hold the
+    event from replica B for as long as A lives."""
+    service = unique_name("replicas")
+    calls = tmp_path / "calls"
+    publisher.declare_topology(service)
+    publisher.publish(
+        {"type": "slow_order", "id": "slow", "args": {"seconds": 3, "calls_file": str(calls)}}
+    )
+    publisher.publish({"type": "new_order", "id": "claimed-ahead"})
+    to_broker = TcpProxy().start()
+    try:
+        log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+        # A batch holds one delivery (PREFETCH / 5); an unreleased claim would outlive the test.
+        settings = {"PREFETCH": "5", "DEDUP_CLAIM_TTL": "120", "HANDLER_MODULES": HANDLERS}
+        run_dedup_service(
+            service, RABBIT_URL=to_broker.url(vhost), TEST_HANDLED_LOG=str(log_a), **settings
+        )
+        wait_until(lambda: calls.exists(), 30, "A to start the slow handler")
+        wait_until(
+            lambda: finished_keys(etcd_server, service).get("claimed-ahead", b"true") != b"true",
+            10,
+            "A to claim the next event while the slow one runs",
+        )
+        to_broker.stop()  # A's connection is gone and stays gone
+        run_dedup_service(service, TEST_HANDLED_LOG=str(log_b), **settings)
+
+        wait_until(lambda: "claimed-ahead" in handled_ids(log_b), 30, "B to handle the event")
+        wait_queue_empty(vhost, f"{service}-queue", timeout=30)
+        assert handled_ids(log_a) == ["slow"]  # recorded before A let go: B skips its copy
+        assert handled_ids(log_b) == ["claimed-ahead"]
+        assert finished_keys(etcd_server, service) == {"slow": b"true", "claimed-ahead": b"true"}
+    finally:
+        to_broker.stop()
