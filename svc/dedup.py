@@ -122,8 +122,10 @@ class EtcdStore:
         self._bucket_seconds = max(1, (record_ttl or 0) // 10)
         self._record_leases: dict[int, int] = {}  # time bucket -> lease id
         self._record_lease_expiry = 0.0
-        # (monotonic time the records expire, their ids), oldest first.
+        # (monotonic time the records expire, their ids), oldest first. The consuming thread
+        # (is_known) and the claim thread (claim) both forget expired ids: one at a time.
         self._expiries: deque[tuple[float, list[str]]] = deque()
+        self._forgetting = threading.Lock()
         self._prefix = f"/service/{service}/"
         self._prefix_bytes = self._prefix.encode()
         self._claim_ttl = claim_ttl
@@ -311,9 +313,10 @@ class EtcdStore:
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
-        while self._expiries and self._expiries[0][0] <= now:
-            _, ids = self._expiries.popleft()
-            self._seen.difference_update(ids)
+        with self._forgetting:
+            while self._expiries and self._expiries[0][0] <= now:
+                _, ids = self._expiries.popleft()
+                self._seen.difference_update(ids)
 
     def release(self, event_ids: Sequence[str]) -> None:
         """Drop this process's claims on ids it gave up on, so no one waits for them."""
