@@ -40,8 +40,9 @@ def decode(body: bytes) -> Event:
     if not isinstance(document, dict):
         raise InvalidEvent("not-an-object", f"JSON {type(document).__name__} instead of object")
 
-    fields = {k.lower(): v for k, v in document.items() if k.lower() in _FIELDS}
-    if len(fields) < sum(1 for k in document if k.lower() in _FIELDS):
+    named = [(k, v) for k, v in document.items() if k.lower() in _FIELDS]
+    fields = _fold_keys(named)
+    if len(fields) < len(named):
         # Two spellings of one field, such as "ID" and "id": Go's decoder takes the one that
         # comes last in the text, which a dict does not tell (a repeated key keeps its first
         # position), so {"ID":1,"id":2,"ID":3} would yield 2 where Go yields 3. Rare: read the
