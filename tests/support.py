@@ -86,6 +86,9 @@ class EtcdServer:
     the durability it gives up is never relied on.
     """
 
+    #: of the client URL; a subclass serving TLS says "https" and adds its flags
+    scheme = "http"
+
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
         self.process: subprocess.Popen[bytes] | None = None
@@ -111,7 +114,7 @@ class EtcdServer:
         raise AssertionError(f"etcd did not become healthy; log:\n{self.log_tail()}")
 
     def _spawn(self, peer_port: int) -> None:
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         data_dir = self.base_dir / f"data-{self.client_port}"
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
@@ -126,6 +129,7 @@ class EtcdServer:
                     "--listen-peer-urls", peer_url,
                     "--initial-advertise-peer-urls", peer_url,
                     "--initial-cluster", f"test={peer_url}",
+                    *self._extra_flags(),
                     "--unsafe-no-fsync",
                     "--log-level", "warn",
                 ],
@@ -136,6 +140,9 @@ class EtcdServer:
         finally:
             log.close()
 
+    def _extra_flags(self) -> list[str]:
+        return []
+
     def _wait_healthy(self, timeout: float) -> bool:
         assert self.process is not None
         deadline = time.monotonic() + timeout
@@ -145,7 +152,7 @@ class EtcdServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=1):
                     pass
-                probe = pyetcd.client(host="127.0.0.1", port=self.client_port, timeout=2)
+                probe = self._connect(timeout=2)
                 try:
                     probe.status()
                     return True
@@ -157,9 +164,12 @@ class EtcdServer:
 
     def client(self, timeout: float = 30.0) -> Any:
         """A pyetcd client for this server, closed when the server stops."""
-        etcd = pyetcd.client(host="127.0.0.1", port=self.client_port, timeout=timeout)
+        etcd = self._connect(timeout)
         self._clients.append(etcd)
         return etcd
+
+    def _connect(self, timeout: float) -> Any:
+        return pyetcd.client(host="127.0.0.1", port=self.client_port, timeout=timeout)
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -291,52 +291,22 @@ class RabbitTlsNode:
 class SecureEtcdServer(EtcdServer):
     """etcd on https loopback URLs that demands a client certificate signed by ``ca``."""
 
+    scheme = "https"
+
     def __init__(self, base_dir: Path, ca: CertificateAuthority, server: KeyPair, client: KeyPair):
         super().__init__(base_dir)
         self.ca, self.server, self.client_pair = ca, server, client
 
-    def _spawn(self, peer_port: int) -> None:
-        client_url = f"https://127.0.0.1:{self.client_port}"
-        peer_url = f"http://127.0.0.1:{peer_port}"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child's exit
-        try:
-            self.process = subprocess.Popen(
-                [
-                    etcd_binary(),
-                    "--name",
-                    "test",
-                    "--data-dir",
-                    str(self.base_dir / f"data-{self.client_port}"),
-                    "--listen-client-urls",
-                    client_url,
-                    "--advertise-client-urls",
-                    client_url,
-                    "--listen-peer-urls",
-                    peer_url,
-                    "--initial-advertise-peer-urls",
-                    peer_url,
-                    "--initial-cluster",
-                    f"test={peer_url}",
-                    "--cert-file",
-                    str(self.server.cert_file),
-                    "--key-file",
-                    str(self.server.key_file),
-                    "--trusted-ca-file",
-                    str(self.ca.cert_file),
-                    "--client-cert-auth",
-                    "--unsafe-no-fsync",
-                    "--log-level",
-                    "warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
+    def _extra_flags(self) -> list[str]:
+        return [
+            f"--cert-file={self.server.cert_file}",
+            f"--key-file={self.server.key_file}",
+            f"--trusted-ca-file={self.ca.cert_file}",
+            "--client-cert-auth",
+        ]
 
-    def client(self, timeout: float = 30.0) -> Any:
-        etcd = pyetcd.client(
+    def _connect(self, timeout: float) -> Any:
+        return pyetcd.client(
             host="127.0.0.1",
             port=self.client_port,
             timeout=timeout,
@@ -344,22 +314,6 @@ class SecureEtcdServer(EtcdServer):
             cert_cert=str(self.client_pair.cert_file),
             cert_key=str(self.client_pair.key_file),
         )
-        self._clients.append(etcd)
-        return etcd
-
-    def _wait_healthy(self, timeout: float) -> bool:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                probe = self.client(timeout=2)
-                probe.status()
-                return True
-            except Exception:  # noqa: BLE001 - anything short of an answer means "not yet"
-                time.sleep(0.1)
-        return False
 
 
 class AuthEtcdServer(EtcdServer):
