@@ -461,10 +461,9 @@ class Consumer:
 
     def _process(self, batch: Batch) -> None:
         """Sort a batch by its claim's verdicts, handle it, and send its record to etcd."""
-        if batch.claiming is not None:
-            self._claimed.remove(batch)
         self._current = batch
         if batch.claiming is not None:
+            self._claimed.remove(batch)
             verdicts = self._await_claim(batch)
             batch.claimed = [i for i, v in verdicts.items() if v is Verdict.NEW]
             self.crash.reached("after-claim")
@@ -859,4 +858,5 @@ def _brief(exc: BaseException) -> str:
 
 
 def _succeeded(future: Future[None] | None) -> bool:
-    return future is not None and future.done() and future.exception() is None
+    """Whether a finished record went through."""
+    return future is not None and future.exception() is None

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("svc.consumer")
+log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 1.0
 
