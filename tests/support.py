@@ -422,6 +422,21 @@ class StatsdListener:
 # --- the daemon -------------------------------------------------------------------------------
 
 
+def run_bench_smoke(script: str, json_out: Path, timeout: float) -> str:
+    """Run ``bench/<script> --smoke --json-out json_out``; its output, once it exited 0."""
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", "--smoke", "--json-out", str(json_out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"exit {done.returncode}; output:\n{output[-6000:]}"
+    return output
+
+
 def base_environment() -> dict[str, str]:
     """A minimal environment for ``python -m svc``: no settings leak in from the test run."""
     env = {

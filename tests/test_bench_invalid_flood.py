@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT
+from tests.support import run_bench_smoke
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.etcd]
 
@@ -24,16 +22,7 @@ def test_smoke_prints_rates_and_factors_with_every_invalid_body_dead_lettered(
     tmp_path: Path,
 ) -> None:
     samples_path = tmp_path / "samples.json"
-    done = subprocess.run(
-        [sys.executable, "bench/invalid_flood.py", "--smoke", "--json-out", str(samples_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"exit {done.returncode}; output:\n{output[-6000:]}"
+    output = run_bench_smoke("invalid_flood.py", samples_path, timeout=180)
 
     for config in ("off-alone", "off-flood", "on-alone", "on-flood"):
         row = re.search(rf"(?m)^{config} +1 +([\d,]+) ", output)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT
+from tests.support import run_bench_smoke
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.etcd]
 
@@ -33,16 +31,7 @@ RATE_ROWS = {
 
 def test_smoke_prints_a_positive_row_for_every_configuration(tmp_path: Path) -> None:
     samples_path = tmp_path / "samples.json"
-    done = subprocess.run(
-        [sys.executable, "bench/throughput.py", "--smoke", "--json-out", str(samples_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"exit {done.returncode}; output:\n{output[-6000:]}"
+    output = run_bench_smoke("throughput.py", samples_path, timeout=240)
 
     for config, expected in RATE_ROWS.items():
         rates = [
