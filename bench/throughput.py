@@ -942,9 +942,11 @@ def run_reference(ctx: Context, config: str, name: str, events: int, ack: str) -
         str(ctx.statsd.port),
     ]
     timeout = 120 + events / 200
+    broker_cpu_before = broker_cpu_seconds()
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=timeout, check=False, env=base_env()
     )
+    broker_cpu = broker_cpu_seconds() - broker_cpu_before
     if done.returncode != 0:
         raise BenchError(f"reference consumer failed ({done.returncode}):\n{done.stderr[-2000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -961,7 +963,7 @@ def run_reference(ctx: Context, config: str, name: str, events: int, ack: str) -
         float(report["cpu_s"]),
         float(report["peak_rss_mb"]),
         note=note,
-        extra={"ok": report["ok"], "skipped": report["skipped"]},
+        extra={"ok": report["ok"], "skipped": report["skipped"], "broker_cpu_s": broker_cpu},
     )
 
 
@@ -1182,6 +1184,7 @@ def print_throughput_table(
                 median_spread([s.rss_mb for s in samples], "{:.0f}"),
                 median_spread(starts, "{:.2f}") if starts else "-",
                 median_spread(etcd_cpu, "{:.2f}") if etcd_cpu else "-",
+                *cpu_budget(samples),
                 goal,
             ]
         )
@@ -1196,11 +1199,44 @@ def print_throughput_table(
             "peak RSS MB",
             "start s",
             "etcd CPU s",
+            *CPU_BUDGET_HEADERS,
             "goal",
         ],
         rows,
     )
     say("rows: " + "; ".join(f"{c.key} = {c.what}" for c in configs))
+    say(CPU_BUDGET_NOTE)
+
+
+CPU_BUDGET_HEADERS = ("CPU us/event", "CPU ceiling")
+CPU_BUDGET_NOTE = (
+    "CPU us/event: consumer(s) + etcd + RabbitMQ = total (medians of the runs); CPU ceiling: "
+    f"the rate at which that total would keep all {os.cpu_count()} cores busy"
+)
+
+
+def cpu_budget(samples: Sequence[Sample]) -> tuple[str, str]:
+    """Median CPU per event of the consumer(s), etcd and the broker, and the rate it allows.
+
+    The consumer, etcd and RabbitMQ share this machine's cores, so no configuration drains
+    faster than the ceiling: the rate at which its CPU per event fills every core.
+    """
+    per_event = [
+        (
+            s.cpu_s / s.events,
+            (s.etcd_cpu_s or 0.0) / s.events,
+            s.extra.get("broker_cpu_s", 0.0) / s.events,
+        )
+        for s in samples
+        if s.events
+    ]
+    if not per_event:
+        return "-", "-"
+    own, etcd, broker = (statistics.median(p[i] for p in per_event) for i in range(3))
+    total = own + etcd + broker
+    parts = f"{own * 1e6:.0f} + {etcd * 1e6:.0f} + {broker * 1e6:.0f} = {total * 1e6:.0f}"
+    ceiling = f"{(os.cpu_count() or 1) / total:,.0f} ev/s" if total > 0 else "-"
+    return parts, ceiling
 
 
 def profile_run(ctx: Context, bodies: Sequence[bytes]) -> None:
@@ -1531,6 +1567,7 @@ def replicas_mode(ctx: Context) -> None:
                 median_spread([s.etcd_cpu_s or 0.0 for s in samples], "{:.2f}"),
                 median_spread([s.extra.get("broker_cpu_s", 0.0) for s in samples], "{:.2f}"),
                 median_spread(skews, "{:.2f}") if config.key != "replicas-1" else "-",
+                *cpu_budget(samples),
                 goal,
             ]
         )
@@ -1550,10 +1587,12 @@ def replicas_mode(ctx: Context) -> None:
             "etcd CPU s",
             "broker CPU s",
             "ready skew s",
+            *CPU_BUDGET_HEADERS,
             "goal",
         ],
         rows,
     )
+    say(CPU_BUDGET_NOTE)
 
 
 MODES: dict[str, Callable[[Context], None]] = {

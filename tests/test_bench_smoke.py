@@ -1,7 +1,8 @@
 """``bench/throughput.py --smoke`` runs every benchmark mode in miniature and prints its tables.
 
-Only that it works is checked: each configuration gets a row with a positive figure. The
-figures themselves are not asserted; the machine is shared and timings are noise here.
+Only that it works is checked: each configuration gets a row with a positive figure, and its
+CPU per event (consumer, etcd, broker) adds up. The figures themselves are not asserted; the
+machine is shared and timings are noise here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def test_smoke_prints_a_positive_row_for_every_configuration(tmp_path: Path) -> 
         ]
         assert len(rates) == expected, f"{config}: {len(rates)} rows, not {expected}:\n{output}"
         assert all(rate > 0 for rate in rates), f"{config}: {rates}\n{output}"
+
+    # What limits a configuration: its CPU per event, split into the consumer, etcd and the
+    # broker, and the rate at which that total fills the machine's cores.
+    for config in ("ref-multi", "svc-on", "replicas-2"):
+        budget = re.search(
+            rf"(?m)^{config} .* (\d+) \+ (\d+) \+ (\d+) = (\d+) +([\d,]+) ev/s", output
+        )
+        assert budget, f"{config}: no CPU budget\n{output}"
+        own, etcd, broker, total = (int(budget[i]) for i in range(1, 5))
+        assert own > 0 and broker > 0 and abs(own + etcd + broker - total) <= 2, budget[0]
+        assert (etcd > 0) == (config != "ref-multi"), budget[0]
 
     latency = re.search(r"(?m)^latency-on +[1-9]\d* +([\d.]+)", output)
     assert latency and float(latency[1]) > 0, output
