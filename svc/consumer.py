@@ -253,23 +253,29 @@ class Consumer:
         """Connect to the first RABBIT_URL that answers; raise if none does.
 
         A failed certificate check is never worked around: that URL is skipped, and when no
-        URL is left, BrokerRefused names each refused URL (password redacted) and why.
+        URL is left, BrokerRefused names each refused URL (password redacted) and why. Any
+        other failure names each URL tried and why it failed, so the log line says where to
+        look.
         """
         refusals: list[str] = []
+        failures: list[str] = []
         last_error: Exception | None = None
         for url in self.settings.rabbit_urls:
             try:
                 return BlockingConnection(broker_parameters(url, self._tls_context))
             except ssl.SSLError as exc:
                 refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
-            except pika.exceptions.AMQPConnectionError as exc:
+            except (pika.exceptions.AMQPConnectionError, OSError) as exc:
                 if "SSLError" in str(exc):  # the broker refused our certificate, or none
                     refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
+                failures.append(f"{redact_url(url)}: {_root_cause(exc)}")
                 last_error = exc
         if refusals:
             raise BrokerRefused("TLS handshake refused by RabbitMQ at " + "; ".join(refusals))
         assert last_error is not None
-        raise last_error
+        if isinstance(last_error, pika.exceptions.ProbableAuthenticationError):
+            raise last_error  # logged with its own advice by run()
+        raise pika.exceptions.AMQPConnectionError("; ".join(failures)) from last_error
 
     def _declare_topology(self, channel: BlockingChannel) -> None:
         """Declare exchange, queue, binding and dead-letter queue, exactly as the Go demo does."""
@@ -855,6 +861,21 @@ def _safe(text: str, limit: int = 80) -> str:
 def _brief(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a connection failure: pika wraps the socket error, unnamed.
+
+    pika puts the error of a failed phase (TCP connect, TLS, AMQP handshake) in the
+    ``exception`` attribute of its wrapper, and the wrapper in the arguments of the error.
+    """
+    while True:
+        inner = getattr(exc, "exception", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        if inner is None:
+            return str(exc) or type(exc).__name__
+        exc = inner
 
 
 def _succeeded(future: Future[None] | None) -> bool:

@@ -98,6 +98,10 @@ def test_started_before_the_broker_is_reachable_retries_with_growing_delays_then
     assert len(delays) == svc.count(NO_BROKER_LINE), "a failed attempt was logged without delay"
     assert delays[3] > delays[0], f"the delay does not grow: {delays}"
     assert svc.count("connecting to RabbitMQ") >= 4, "not every attempt was logged"
+    # Each line says where it tried and why that failed, the password left out.
+    attempt = next(m[0] for m in svc.matches(DELAY))
+    assert f"@127.0.0.1:{proxy.port}/" in attempt and "Connection refused" in attempt, attempt
+    assert ":***@" in attempt and ":guest@" not in attempt, attempt
     assert svc.is_running()
 
     proxy.start()
