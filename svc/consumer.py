@@ -135,7 +135,8 @@ class Consumer:
         self._inbox: list[Delivery] = []
         self._held: list[HeldDelivery] = []
         self._unacked: set[int] = set()
-        self._next_summary = time.monotonic() + settings.summary_interval_seconds
+        self._last_summary = time.monotonic()
+        self._next_summary = self._last_summary + settings.summary_interval_seconds
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
         # Records go out while the next batch is claimed, each on a thread of its own.
         self._store_thread = ThreadPoolExecutor(
@@ -209,6 +210,7 @@ class Consumer:
                 self.metrics.count("reconnects")
                 self.metrics.flush()
                 self.sleep_serviced(delay, wake_on_stop=True)
+                self._summarise()
             except TopologyError:
                 self._close()
                 raise
@@ -686,18 +688,23 @@ class Consumer:
         self._advance(Batch(to_handle=due))
 
     def _summarise(self) -> None:
-        """Log the counts once per interval: statsd over UDP can drop packets silently."""
+        """Log the counts once per interval: statsd over UDP can drop packets silently.
+
+        Also while etcd or the broker is out, when the counts matter most, and when idle, so
+        that a quiet log means a stuck process, not an idle one.
+        """
         now = time.monotonic()
         if now < self._next_summary:
             return
-        self._next_summary = now + self.settings.summary_interval_seconds
+        interval = self.settings.summary_interval_seconds
+        elapsed, self._last_summary = now - self._last_summary, now
+        self._next_summary = now + interval
+        # The loop looks at the clock about twice a second: name the real span only when the
+        # interval was overrun by more than that, so the line never claims a shorter one.
+        span = interval if elapsed - interval < max(1.0, interval / 2) else elapsed
         counts = self.metrics.take_interval_counts()
-        if counts:
-            log.info(
-                "last %.0f s: %s",
-                self.settings.summary_interval_seconds,
-                " ".join(f"{name}={n}" for name, n in sorted(counts.items())),
-            )
+        summary = " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
+        log.info("last %.0f s: %s", span, summary or "no events")
 
     def _retry_store(self, call: Callable[[], T]) -> T:
         """Run an etcd step until it answers, keeping the AMQP connection serviced meanwhile."""
@@ -715,6 +722,7 @@ class Consumer:
                 self.metrics.count("dedup_errors")
                 self.metrics.flush()
                 self.sleep_serviced(delay)
+                self._summarise()
                 continue
             if backoff.attempt:
                 log.info("etcd answers again; consumption resumes")

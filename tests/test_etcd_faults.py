@@ -114,6 +114,7 @@ def start_run(
         TEST_HANDLED_LOG=str(handled_log),
         PREFETCH="50",
         LOG_EVENTS="false",
+        SUMMARY_INTERVAL="1",
     )
     return Run(name, svc, etcd, vhost, handled_log, published)
 
@@ -144,6 +145,9 @@ def ride_out_outage(run: Run, end_outage: Callable[[], None]) -> None:
     assert depth_now[1] > 0
     assert count_lines(run.handled_log) == handled_then, "events were handled while paused"
     assert run.svc.count(RESUMED) == 0
+    # The summary goes on during the outage, when its counts matter most.
+    summaries = run.svc.matches(rf"last \d+ s: .*\b{run.name}_dedup_errors=[1-9]")
+    assert len(summaries) >= 2, f"no summary line while etcd was away:\n{run.svc.tail()}"
 
     end_outage()
     run.svc.wait_for_line(RESUMED, timeout=60)

@@ -31,6 +31,15 @@ def test_summary_line_reports_the_interval_counts(
     assert "last 1 s:" in line
 
 
+def test_an_idle_service_still_logs_its_summary_line(
+    run_service: Callable[..., ServiceProcess],
+) -> None:
+    """A quiet log must mean a stuck process, not an idle one: the summary says "no events"."""
+    svc = run_service(unique_name("idle"), SUMMARY_INTERVAL="1")
+    svc.wait_for_line("last 1 s: no events", timeout=30)
+    assert svc.is_running()
+
+
 def test_per_event_lines_are_capped_under_load_and_the_rest_counted(
     run_service: Callable[..., ServiceProcess],
     publisher: Publisher,
