@@ -156,15 +156,20 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
     """
     backoff = Backoff()
     hinted = False
+    endpoints = len(consumer.settings.etcd_endpoints)
+    failures = 0
     while not consumer.stopping:
         try:
             store.warm_up()
             return True
         except StoreUnavailable as exc:
+            failures += 1
             delay = backoff.next_delay()
             level = logging.ERROR if isinstance(exc, StoreRefused) else logging.WARNING
             log.log(level, "%s; retrying the warm-up in %.1f s", exc, delay)
-            if not hinted and not isinstance(exc, StoreRefused):
+            # A failed endpoint is skipped at the next try: say that none answers only once
+            # each had its turn.
+            if failures >= endpoints and not hinted and not isinstance(exc, StoreRefused):
                 hinted = True
                 log.warning(
                     "no etcd answers at %s=%s: consumption starts once one does (for a local "

@@ -323,4 +323,31 @@ def test_dead_first_etcd_endpoint_fails_over_to_the_second(
     statsd_listener.wait_for(
         f"{run.name}_new_order_skipped", len(run.published) - len(set(run.published))
     )
+    # The dead endpoint is named in its own line, but etcd did answer: no "no etcd answers".
+    assert run.svc.count("no etcd answers") == 0, run.svc.tail()
     assert run.svc.terminate() == 0
+
+
+def test_no_etcd_at_start_is_said_once_naming_the_setting(
+    run_service: Callable[..., ServiceProcess],
+) -> None:
+    """Failure: nothing answers at ETCD_ENDPOINTS when the daemon starts.
+
+    Expected: it keeps retrying the warm-up (one line per attempt, naming the endpoint) and says
+    once what to do: which setting it read, how to start a local etcd, or how to switch off.
+    """
+    dead = f"127.0.0.1:{free_port()}"
+    svc = run_service(
+        unique_name("orders"),
+        wait_ready=False,
+        ENABLE_ETCD="true",
+        ETCD_ENDPOINTS=dead,
+        ETCD_TIMEOUT="1",
+    )
+    svc.wait_for_line("retrying the warm-up", timeout=30, count=3)
+    hint = svc.wait_for_line(f"no etcd answers at ETCD_ENDPOINTS={dead}", timeout=5)
+    assert "ENABLE_ETCD=false" in hint, hint
+    assert svc.count("no etcd answers") == 1
+    assert svc.is_running()
+    assert svc.terminate() == 0
+
