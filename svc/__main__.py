@@ -173,7 +173,8 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
                 hinted = True
                 log.warning(
                     "no etcd answers at %s=%s: consumption starts once one does (for a local "
-                    "one: `.venv/bin/etcd`, or `bash scripts/stack start`), or set %s=false",
+                    "one: `.venv/bin/etcd --data-dir .etcd-data`, or `bash scripts/stack "
+                    "start`), or set %s=false",
                     ETCD_ENDPOINTS,
                     ",".join(f"{host}:{port}" for host, port in consumer.settings.etcd_endpoints),
                     ENABLE_ETCD,

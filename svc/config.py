@@ -153,7 +153,9 @@ class Settings:
             f"claim_ttl={self.claim_ttl_seconds}s statsd={self.statsd_host}:{self.statsd_port} "
             f"prefetch={self.prefetch} log_level={self.log_level} log_events={self.log_events} "
             f"log_events_per_second={self.log_events_per_second} "
-            f"dedup_ttl={self.dedup_ttl_seconds or 'forever'} max_attempts={self.max_attempts}"
+            f"dedup_ttl={self.dedup_ttl_seconds or 'forever'} max_attempts={self.max_attempts} "
+            f"summary_interval={self.summary_interval_seconds:g}s"
+            + (f" handler_modules={','.join(self.handler_modules)}" if self.handler_modules else "")
             + (f" TEST_CRASH_AT={self.crash_at}" if self.crash_at else "")
             + (f" TEST_HANDLED_LOG={self.handled_log}" if self.handled_log else "")
         )

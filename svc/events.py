@@ -33,7 +33,7 @@ def decode(body: bytes) -> Event:
     if len(body) > MAX_BODY_BYTES:
         raise InvalidEvent("too-large", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
-        document = json.loads(body)
+        document = _parse(body)
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad JSON, bad UTF-8 and integers too long to convert.
         raise InvalidEvent("invalid-json", _first_line(exc)) from None
@@ -51,10 +51,10 @@ def decode(body: bytes) -> Event:
     if "type" not in fields:
         raise InvalidEvent("missing-type", "no 'type' key")
     event_type = fields["type"]
-    if not isinstance(event_type, str) or not event_type:
-        raise InvalidEvent(
-            "bad-type", f"'type' must be a non-empty string, not {_kind(event_type)}"
-        )
+    if not isinstance(event_type, str):
+        raise InvalidEvent("bad-type", f"'type' must be a string, not {_kind(event_type)}")
+    if not event_type:
+        raise InvalidEvent("bad-type", "'type' is an empty string")
     if not _is_encodable(event_type):
         raise InvalidEvent("bad-type", "'type' holds a lone surrogate, not valid Unicode")
     if "id" not in fields:
@@ -63,6 +63,21 @@ def decode(body: bytes) -> Event:
 
 
 _FIELDS = ("id", "type", "args")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Note: Python's decoder takes NaN, Infinity and -Infinity, which JSON (RFC 8259) and Go's
+# decoder refuse; so does this one. Built once: json.loads with an option builds a decoder
+# per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _parse(body: bytes) -> Any:
+    """json.loads(body), NaN and the infinities refused (UTF-16/32 and a BOM read as there)."""
+    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def _outer_pairs(body: bytes) -> list[tuple[str, Any]]:
@@ -74,7 +89,7 @@ def _outer_pairs(body: bytes) -> list[tuple[str, Any]]:
         outer_pairs[:] = pairs
         return dict(pairs)
 
-    json.loads(body, object_pairs_hook=keep_pairs)
+    json.loads(body, object_pairs_hook=keep_pairs, parse_constant=_refuse_constant)
     return outer_pairs
 
 

@@ -41,6 +41,10 @@ def test_integer_id_is_taken_as_its_decimal_string() -> None:
         (b'{"type":"new_order","id":["1"]}', "bad-id"),
         (b'{"type":"new_order","id":"\\ud800"}', "bad-id"),
         (json.dumps({"type": "new_order", "id": "x" * 257}).encode(), "id-too-long"),
+        # Not JSON, though Python's own decoder takes them; Go's refuses them too.
+        (b'{"type":"new_order","id":"1","args":NaN}', "invalid-json"),
+        (b'{"type":"new_order","id":"1","args":[-Infinity]}', "invalid-json"),
+        (b'{"type":"new_order","ID":"1","id":"2","x":Infinity}', "invalid-json"),
     ],
 )
 def test_unusable_bodies_are_rejected_with_their_reason(body: bytes, code: str) -> None:
@@ -64,3 +68,12 @@ def test_id_of_exactly_256_characters_is_accepted() -> None:
 def test_path_like_id_is_kept_verbatim() -> None:
     # The etcd key is "/service/<name>/" + id: the id is data, not a path to normalise.
     assert decode(b'{"type":"new_order","id":"../x"}').id == "../x"
+
+
+def test_an_empty_type_is_called_empty_and_a_wrong_one_named() -> None:
+    with pytest.raises(InvalidEvent) as empty:
+        decode(b'{"type":"","id":"1"}')
+    assert empty.value.detail == "'type' is an empty string"
+    with pytest.raises(InvalidEvent) as number:
+        decode(b'{"type":5,"id":"1"}')
+    assert number.value.detail == "'type' must be a string, not int"

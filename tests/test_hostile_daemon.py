@@ -124,7 +124,7 @@ REFUSED = [
     (b'{"type":"new_order"}', "missing-id"),
     (b'{"type":"new_order","id":""}', "empty-id"),
     (b'{"type":"new_order","id":"\\ud800"}', "bad-id"),
-    (b'{"type":"new_order","id":NaN}', "bad-id"),
+    (b'{"type":"new_order","id":NaN}', "invalid-json"),  # not JSON, as in Go
     (b'{"type":"new_order","id":{"$ne":null}}', "bad-id"),
     (b'{"type":"new_order","id":' + b"9" * 300 + b"}", "id-too-long"),
     (event("new_order", "\U0001f600" * 257), "id-too-long"),
