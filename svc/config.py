@@ -232,12 +232,21 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         if name not in DEFAULTS:
-            raise ConfigError(f"{name} is required but not set")
+            raise ConfigError(_required(name, parse, "not set" if raw is None else "empty"))
         raw = DEFAULTS[name]
     try:
         return parse(raw.strip())
     except ValueError as exc:
         raise ConfigError(f"{name}={_shown(name, raw)} is invalid: expected {exc}") from None
+
+
+def _required(name: str, parse: Callable[[str], object], state: str) -> str:
+    """The message for a required variable left out: what it is expected to hold."""
+    try:
+        parse("")
+    except ValueError as exc:
+        return f"{name} is required but {state}: expected {exc}"
+    return f"{name} is required but {state}"
 
 
 def shown_default(name: str) -> str:

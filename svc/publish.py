@@ -540,7 +540,11 @@ class ConfirmedPublisher:
             else:
                 self.tally.error = f"the connection was lost: {describe_close(reason)}"
             if getattr(reason, "reply_code", None) == NOT_FOUND:
-                self.tally.error += "; start a service first so that it declares the exchange"
+                self.tally.error += (
+                    "; start a service first so that it declares the exchange"
+                    if self.exchange == DEFAULT_EXCHANGE
+                    else f"; the services declare only {DEFAULT_EXCHANGE!r}: check --exchange"
+                )
                 # Published to an exchange that does not exist: none of them can have arrived.
                 self.abandon_pending(self.tally.refused)
             else:

@@ -101,8 +101,13 @@ def test_bad_value_names_variable_value_and_expected_form(
 
 
 def test_missing_service_name_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="SERVICE_NAME is required"):
+    with pytest.raises(ConfigError, match="SERVICE_NAME is required but not set: expected 1 to"):
         settings_from({}, tmp_path)
+
+
+def test_empty_service_name_says_empty_and_what_it_expects(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SERVICE_NAME is required but empty: expected 1 to"):
+        settings_from({"SERVICE_NAME": " "}, tmp_path)
 
 
 def test_dotenv_fills_gaps_and_real_environment_wins(tmp_path: Path) -> None:

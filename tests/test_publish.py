@@ -218,6 +218,16 @@ def test_missing_exchange_is_reported_and_exit_1(tmp_path: Path, vhost: str) -> 
 
 
 @pytest.mark.rabbit
+def test_mistyped_exchange_is_named_as_the_thing_to_check(tmp_path: Path, vhost: str) -> None:
+    """No service declares another exchange than ``events``: starting one would not help."""
+    done = run_publish("--exchange", "evnets", cwd=tmp_path, url=vhost)
+
+    assert done.returncode == 1
+    assert "no exchange 'evnets'" in done.stderr
+    assert "check --exchange" in done.stderr and "start a service" not in done.stderr
+
+
+@pytest.mark.rabbit
 def test_repeat_rate_gives_the_distinct_ids_a_consumer_sees(tmp_path: Path, vhost: str) -> None:
     bind_queue(vhost, "seen")
 
