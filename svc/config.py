@@ -219,12 +219,27 @@ def load_settings(
     )
 
 
+class Environment(dict[str, str]):
+    """The variables in effect, knowing which came from the ``.env`` file."""
+
+    def __init__(self, values: Mapping[str, str], from_file: set[str], path: str) -> None:
+        super().__init__(values)
+        self.from_file = frozenset(from_file)
+        self.path = path
+
+    def origin(self, name: str) -> str:
+        """`` (from .env)`` for a variable read from the file, so an error points there."""
+        return f" (from {self.path})" if name in self.from_file else ""
+
+
 def merged_environment(
     environ: Mapping[str, str], dotenv_path: str | os.PathLike[str]
-) -> dict[str, str]:
+) -> Environment:
     """The ``.env`` file's values overlaid by the real environment (which wins)."""
     from_file = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
-    return {**from_file, **environ}
+    return Environment(
+        {**from_file, **environ}, set(from_file) - set(environ), os.fspath(dotenv_path)
+    )
 
 
 def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
@@ -237,7 +252,10 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
     try:
         return parse(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"{name}={_shown(name, raw)} is invalid: expected {exc}") from None
+        origin = env.origin(name) if isinstance(env, Environment) else ""
+        raise ConfigError(
+            f"{name}={_shown(name, raw)}{origin} is invalid: expected {exc}"
+        ) from None
 
 
 def _required(name: str, parse: Callable[[str], object], state: str) -> str:

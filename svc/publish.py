@@ -40,6 +40,7 @@ from svc.config import (
     RABBIT_CERT_FILE,
     RABBIT_KEY_FILE,
     RABBIT_URL,
+    Environment,
     merged_environment,
     parse_rabbit_urls,
     read_tls_files,
@@ -663,8 +664,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if checker is not None and checker.stream is not sys.stdin.buffer:
             checker.stream.close()
+    if tally.published == 0 and tally.error and from_env_file(env, RABBIT_URL, args.url):
+        # docker-compose's broker account, in .env, is not a local broker's guest/guest.
+        tally.error += f" (RABBIT_URL from {env.path}: edit or remove it for another broker)"
     seconds = time.monotonic() - started
     return report(args, tally, checker.bad if checker else 0, seconds, sys.stdout, sys.stderr)
+
+
+def from_env_file(env: Environment, name: str, value: str) -> bool:
+    """Whether ``value`` is what the .env file set for ``name`` (no option replaced it)."""
+    return name in env.from_file and env.get(name) == value
 
 
 def messages_for(args: argparse.Namespace) -> Iterator[Message]:

@@ -110,6 +110,13 @@ def test_empty_service_name_says_empty_and_what_it_expects(tmp_path: Path) -> No
         settings_from({"SERVICE_NAME": " "}, tmp_path)
 
 
+def test_a_bad_value_from_dotenv_says_it_came_from_there(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^PREFETCH='lots' \(from .*\.env\) is invalid"):
+        settings_from({"SERVICE_NAME": "orders"}, tmp_path, dotenv="PREFETCH=lots\n")
+    with pytest.raises(ConfigError, match=r"^PREFETCH='lots' is invalid"):
+        settings_from({"SERVICE_NAME": "orders", "PREFETCH": "lots"}, tmp_path, dotenv="PREFETCH=9\n")
+
+
 def test_dotenv_fills_gaps_and_real_environment_wins(tmp_path: Path) -> None:
     s = settings_from(
         {"SERVICE_NAME": "orders", "PREFETCH": "7"},

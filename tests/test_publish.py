@@ -137,6 +137,18 @@ def test_no_broker_exits_1_and_says_so(tmp_path: Path) -> None:
     done = run_publish(cwd=tmp_path, url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     assert done.returncode == 1
     assert "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1" in done.stderr
+    assert ".env" not in done.stderr  # the URL came from --url
+
+
+def test_no_broker_at_the_dotenv_url_points_at_the_file(tmp_path: Path) -> None:
+    """docker-compose's .env holds its own broker account: a newcomer must learn where the
+    URL that failed came from."""
+    (tmp_path / ".env").write_text(f"RABBIT_URL=amqp://demo:s3cret@127.0.0.1:{free_port()}/\n")
+    done = run_publish(cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cannot connect to RabbitMQ at amqp://demo:***@127.0.0.1" in done.stderr
+    assert "(RABBIT_URL from .env: edit or remove it" in done.stderr
+    assert "s3cret" not in done.stderr
 
 
 # --- against the broker ------------------------------------------------------------------------
