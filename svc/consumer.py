@@ -877,13 +877,14 @@ def _root_cause(exc: BaseException) -> str:
     pika puts the error of a failed phase (TCP connect, TLS, AMQP handshake) in the
     ``exception`` attribute of its wrapper, and the wrapper in the arguments of the error.
     """
-    while True:
+    for _ in range(8):  # a few levels at most; never loop on a wrapper that holds itself
         inner = getattr(exc, "exception", None)
         if not isinstance(inner, BaseException):
             inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
-        if inner is None:
-            return str(exc) or type(exc).__name__
+        if inner is None or inner is exc:
+            break
         exc = inner
+    return str(exc) or type(exc).__name__
 
 
 def _succeeded(future: Future[None] | None) -> bool:
