@@ -56,6 +56,7 @@ EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 
 DEFAULT_EXCHANGE = "events"
+SCRIPT = "svc-publish"  # the console script of pyproject.toml
 DEFAULT_ROUTING_KEY = "foo"
 DEFAULT_TYPE = "new_order"
 # Note: a window of a few thousand keeps the broker's confirms flowing in `multiple` batches
@@ -126,7 +127,8 @@ class Tally:
 def parse_args(argv: list[str] | None, environ: dict[str, str]) -> argparse.Namespace:
     default_url = environ.get(RABBIT_URL) or DEFAULTS[RABBIT_URL]
     parser = argparse.ArgumentParser(
-        prog="python -m svc.publish",
+        # Installed as a console script too: name the command the way it was typed.
+        prog=SCRIPT if os.path.basename(sys.argv[0]) == SCRIPT else "python -m svc.publish",
         description="Publish events to RabbitMQ with publisher confirms and the mandatory flag.",
         epilog="Exit status: 0 every message confirmed and routed; 1 some message unroutable, "
         "nacked or unconfirmed, a bad --file line skipped, or no broker; 2 bad command line.",

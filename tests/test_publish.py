@@ -133,6 +133,21 @@ def test_bad_options_exit_2_naming_the_option(tmp_path: Path, args: list[str], n
     assert named in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ([str(Path(sys.executable).with_name("svc-publish"))], "usage: svc-publish "),
+        ([sys.executable, "-m", "svc.publish"], "usage: python -m svc.publish "),
+    ],
+)
+def test_help_names_the_command_as_it_was_typed(command: list[str], usage: str) -> None:
+    done = subprocess.run(
+        [*command, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(usage), done.stdout[:200]
+
+
 def test_no_broker_exits_1_and_says_so(tmp_path: Path) -> None:
     done = run_publish(cwd=tmp_path, url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     assert done.returncode == 1
