@@ -219,6 +219,22 @@ def load_settings(
     )
 
 
+# python-dotenv warns of a line it cannot parse without naming the file.
+dotenv_log = logging.getLogger("dotenv.main")
+
+
+class _NameTheFile(logging.Filter):
+    """Adds the file's path to python-dotenv's warnings."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{record.msg} of {self.path}"
+        return True
+
+
 class Environment(dict[str, str]):
     """The variables in effect, knowing which came from the ``.env`` file."""
 
@@ -236,7 +252,12 @@ def merged_environment(
     environ: Mapping[str, str], dotenv_path: str | os.PathLike[str]
 ) -> Environment:
     """The ``.env`` file's values overlaid by the real environment (which wins)."""
-    from_file = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+    naming = _NameTheFile(os.fspath(dotenv_path))
+    dotenv_log.addFilter(naming)
+    try:
+        from_file = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+    finally:
+        dotenv_log.removeFilter(naming)
     return Environment(
         {**from_file, **environ}, set(from_file) - set(environ), os.fspath(dotenv_path)
     )

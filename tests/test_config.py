@@ -117,6 +117,14 @@ def test_a_bad_value_from_dotenv_says_it_came_from_there(tmp_path: Path) -> None
         settings_from({"SERVICE_NAME": "orders", "PREFETCH": "lots"}, tmp_path, dotenv="PREFETCH=9\n")
 
 
+def test_an_unparsable_dotenv_line_is_reported_with_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = settings_from({"SERVICE_NAME": "orders"}, tmp_path, dotenv="PREFETCH=9\nnot a line\n")
+    assert s.prefetch == 9
+    assert f"starting at line 2 of {tmp_path / '.env'}" in caplog.text
+
+
 def test_dotenv_fills_gaps_and_real_environment_wins(tmp_path: Path) -> None:
     s = settings_from(
         {"SERVICE_NAME": "orders", "PREFETCH": "7"},
