@@ -134,7 +134,8 @@ class EtcdStore:
         self._lease: pyetcd.Lease | None = None
         self._lease_lock = threading.Lock()
         self._closing = threading.Event()
-        self._last_failure: StoreUnavailable | None = None
+        # The kind of error the last endpoint failed with, and where and why
+        self._last_failure: tuple[type[StoreUnavailable], str] | None = None
         self._keeper = threading.Thread(target=self._keep_lease_alive, daemon=True)
         self._keeper.start()
 
@@ -423,10 +424,10 @@ class EtcdStore:
         if isinstance(exc, NoServerAvailableError) and self._last_failure is not None:
             # Every endpoint failed within ENDPOINT_RETRY_SECONDS: repeat why the last one did,
             # so a refused certificate is not hidden behind "no endpoint available".
-            last = self._last_failure
-            return type(last)(
-                f"etcd {step} failed: no endpoint to try for {ENDPOINT_RETRY_SECONDS:g} s "
-                f"after: {last}"
+            kind, detail = self._last_failure
+            return kind(
+                f"etcd {step} failed: every endpoint failed in the last "
+                f"{ENDPOINT_RETRY_SECONDS:g} s, the last one {detail}"
             )
         where = _endpoint_name(self._client)
         failure: StoreUnavailable
@@ -435,10 +436,12 @@ class EtcdStore:
                 hint = "check ETCD_USER and ETCD_PASSWORD"
             else:
                 hint = "check ETCD_CA_FILE, ETCD_CERT_FILE and ETCD_KEY_FILE"
-            failure = StoreRefused(f"etcd {step} refused by {where}: {_describe(exc)} ({hint})")
+            detail = f"refused by {where}: {_describe(exc)} ({hint})"
+            failure = StoreRefused(f"etcd {step} {detail}")
         else:
-            failure = StoreUnavailable(f"etcd {step} failed at {where}: {_describe(exc)}")
-        self._last_failure = failure
+            detail = f"at {where}: {_describe(exc)}"
+            failure = StoreUnavailable(f"etcd {step} failed {detail}")
+        self._last_failure = (type(failure), detail)
         return failure
 
 
