@@ -180,6 +180,7 @@ def warm_up(store: DedupStore, consumer: Consumer) -> bool:
                     ENABLE_ETCD,
                 )
             consumer.sleep_serviced(delay, wake_on_stop=True)
+            consumer.summarise()  # a waiting daemon must not look stuck
     return False
 
 

@@ -210,7 +210,7 @@ class Consumer:
                 self.metrics.count("reconnects")
                 self.metrics.flush()
                 self.sleep_serviced(delay, wake_on_stop=True)
-                self._summarise()
+                self.summarise()
             except TopologyError:
                 self._close()
                 raise
@@ -410,7 +410,7 @@ class Consumer:
                 self._advance(None)  # nothing else waits: record and ack at once
             self._retry_held()
             self._event_lines.tick()
-            self._summarise()
+            self.summarise()
         if self._pipeline_busy():
             self._advance(None)
 
@@ -687,7 +687,7 @@ class Consumer:
         self._held = [h for h in self._held if h.retry_at > now]
         self._advance(Batch(to_handle=due))
 
-    def _summarise(self) -> None:
+    def summarise(self) -> None:
         """Log the counts once per interval: statsd over UDP can drop packets silently.
 
         Also while etcd or the broker is out, when the counts matter most, and when idle, so
@@ -699,9 +699,9 @@ class Consumer:
         interval = self.settings.summary_interval_seconds
         elapsed, self._last_summary = now - self._last_summary, now
         self._next_summary = now + interval
-        # The loop looks at the clock about twice a second: name the real span only when the
-        # interval was overrun by more than that, so the line never claims a shorter one.
-        span = interval if elapsed - interval < max(1.0, interval / 2) else elapsed
+        # The loop looks at the clock about twice a second: a line is due up to half a second
+        # late. Past a second late (a retry wait, a long batch), it names the real span.
+        span = interval if elapsed - interval < 1.0 else elapsed
         counts = self.metrics.take_interval_counts()
         summary = " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
         log.info("last %.0f s: %s", span, summary or "no events")
@@ -722,7 +722,7 @@ class Consumer:
                 self.metrics.count("dedup_errors")
                 self.metrics.flush()
                 self.sleep_serviced(delay)
-                self._summarise()
+                self.summarise()
                 continue
             if backoff.attempt:
                 log.info("etcd answers again; consumption resumes")
