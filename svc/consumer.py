@@ -52,6 +52,8 @@ T = TypeVar("T")
 EXCHANGE = "events"
 BINDING_KEY = "#"
 LOST = "broker connection lost"
+# A failed connect names every RABBIT_URL tried and why: room for a few, each reason included.
+URLS_TEXT_LIMIT = 2000
 REASON_HEADER = "x-reason"
 DROPPED_HEADERS_HEADER = "x-original-headers-dropped"
 # How long the loop waits for deliveries before it looks at its stop flag and held deliveries.
@@ -195,7 +197,7 @@ class Consumer:
                         "RabbitMQ refused the login (%s): check the user and password in "
                         "RABBIT_URL (or RABBIT_PASSWORD / RABBIT_PASSWORD_FILE, or a .env file); "
                         "retrying in %.1f s",
-                        _brief(exc),
+                        _brief(exc, URLS_TEXT_LIMIT),
                         delay,
                     )
                 elif not isinstance(exc, CONNECTION_ERRORS):
@@ -203,7 +205,8 @@ class Consumer:
                 else:
                     # No connection yet (a failed attempt) reads differently from a lost one.
                     what = "cannot connect to RabbitMQ" if self._connection is None else LOST
-                    log.warning("%s (%s); reconnecting in %.1f s", what, _brief(exc), delay)
+                    text = _brief(exc, URLS_TEXT_LIMIT)
+                    log.warning("%s (%s); reconnecting in %.1f s", what, text, delay)
                 # Settle in etcd first what the lost channel held, so redeliveries are skipped.
                 self._salvage()
                 self._forget_connection()
@@ -259,8 +262,9 @@ class Consumer:
         other failure names each URL tried and why it failed, so the log line says where to
         look.
         """
-        refusals: list[str] = []
-        failures: list[str] = []
+        refusals: list[str] = []  # TLS handshakes refused, each with its URL and why
+        failures: list[str] = []  # every other URL tried, with why it failed
+        login_refused = False
         last_error: Exception | None = None
         for url in self.settings.rabbit_urls:
             try:
@@ -270,13 +274,19 @@ class Consumer:
             except (pika.exceptions.AMQPConnectionError, OSError) as exc:
                 if "SSLError" in str(exc):  # the broker refused our certificate, or none
                     refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
-                failures.append(f"{redact_url(url)}: {_root_cause(exc)}")
+                else:
+                    failures.append(f"{redact_url(url)}: {_root_cause(exc)}")
+                    login_refused |= isinstance(exc, pika.exceptions.ProbableAuthenticationError)
                 last_error = exc
+        # The worst failure decides how run() logs it (and with which advice); the line names
+        # every URL tried.
         if refusals:
-            raise BrokerRefused("TLS handshake refused by RabbitMQ at " + "; ".join(refusals))
-        assert last_error is not None
-        if isinstance(last_error, pika.exceptions.ProbableAuthenticationError):
-            raise last_error  # logged with its own advice by run()
+            others = f"; also tried {'; '.join(failures)}" if failures else ""
+            raise BrokerRefused(
+                f"TLS handshake refused by RabbitMQ at {'; '.join(refusals)}{others}"
+            )
+        if login_refused:
+            raise pika.exceptions.ProbableAuthenticationError("; ".join(failures)) from last_error
         raise pika.exceptions.AMQPConnectionError("; ".join(failures)) from last_error
 
     def _declare_topology(self, channel: BlockingChannel) -> None:
@@ -866,9 +876,9 @@ def _safe(text: str, limit: int = 80) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
-def _brief(exc: BaseException) -> str:
+def _brief(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -264,6 +264,27 @@ def test_rabbit_url_list_skips_a_dead_first_url_and_consumes_through_the_second(
     assert svc.terminate() == 0
 
 
+def test_every_url_that_failed_is_named_with_its_reason_and_the_worst_decides_the_advice(
+    run_service: Callable[..., ServiceProcess], vhost: str
+) -> None:
+    """Failure: of two RABBIT_URLs, one refuses the login and the other the connection.
+
+    Expected: one line per attempt naming both URLs (passwords redacted) and why each failed,
+    however long, with the advice for the login; the daemon keeps retrying.
+    """
+    path = vhost.rsplit("/", 1)[1]
+    wrong_login = f"amqp://guest:not-the-password@127.0.0.1:5672/{path}"
+    dead = f"amqp://guest:not-the-password@127.0.0.1:{free_port()}/{path}"
+    svc = run_service(unique_name("orders"), wait_ready=False, RABBIT_URL=f"{dead},{wrong_login}")
+    line = svc.wait_for_line("RabbitMQ refused the login", timeout=30)
+    assert f"{dead.replace(':not-the-password@', ':***@')}: [Errno 111] Connection refused" in line
+    assert f"127.0.0.1:5672/{path}: ConnectionClosedByBroker: (403) 'ACCESS_REFUSED" in line
+    assert "check the user and password in RABBIT_URL" in line
+    assert "not-the-password" not in svc.text()
+    assert svc.is_running()
+    assert svc.terminate() == 0
+
+
 def test_broker_outage_on_the_first_url_fails_over_to_the_second(
     run_service: Callable[..., ServiceProcess], proxy: TcpProxy, vhost: str, tmp_path: Path
 ) -> None:
