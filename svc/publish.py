@@ -40,7 +40,6 @@ from svc.config import (
     RABBIT_CERT_FILE,
     RABBIT_KEY_FILE,
     RABBIT_URL,
-    Environment,
     merged_environment,
     parse_rabbit_urls,
     read_tls_files,
@@ -152,7 +151,7 @@ def parse_args(argv: list[str] | None, environ: dict[str, str]) -> argparse.Name
     parser.add_argument(
         "--url",
         "--address",
-        default=default_url,
+        default=None,
         help="AMQP URL; several, comma-separated, are tried in turn (default: $RABBIT_URL from "
         "the environment or .env, else "
         + redact_url(DEFAULTS[RABBIT_URL]).replace("%", "%%")
@@ -192,6 +191,10 @@ def parse_args(argv: list[str] | None, environ: dict[str, str]) -> argparse.Name
         f"least {PROGRESS_MIN_COUNT}",
     )
     args = parser.parse_args(argv)
+    # Whether the URL came from the option, or from RABBIT_URL (maybe in .env) or the default.
+    args.url_given = args.url is not None
+    if args.url is None:
+        args.url = default_url
     check_args(parser, args)
     return args
 
@@ -403,6 +406,7 @@ class ConfirmedPublisher:
         self.pending_order: deque[int] = deque()
         self.returned: set[int] = set()
         self.current_url = ""
+        self.connect_failures: list[str] = []  # each URL that failed, and why
         self.opened = False
         self.exhausted = False
         self.finishing = False
@@ -437,10 +441,10 @@ class ConfirmedPublisher:
 
     def on_connection_open_error(self, connection: Any, error: BaseException | str) -> None:
         """Called by pika when a connection attempt fails; :meth:`run` tries the next URL."""
-        self.tally.error = (
-            f"cannot connect to RabbitMQ at {redact_url(self.current_url)}: "
-            + describe_connect_error(error)
+        self.connect_failures.append(
+            f"{redact_url(self.current_url)}: {describe_connect_error(error)}"
         )
+        self.tally.error = "cannot connect to RabbitMQ at " + "; ".join(self.connect_failures)
         connection.ioloop.stop()
 
     def on_connection_open(self, connection: Any) -> None:
@@ -666,16 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if checker is not None and checker.stream is not sys.stdin.buffer:
             checker.stream.close()
-    if tally.published == 0 and tally.error and from_env_file(env, RABBIT_URL, args.url):
+    if tally.published == 0 and tally.error and not args.url_given and RABBIT_URL in env.from_file:
         # docker-compose's broker account, in .env, is not a local broker's guest/guest.
         tally.error += f" (RABBIT_URL from {env.path}: edit or remove it for another broker)"
     seconds = time.monotonic() - started
     return report(args, tally, checker.bad if checker else 0, seconds, sys.stdout, sys.stderr)
-
-
-def from_env_file(env: Environment, name: str, value: str) -> bool:
-    """Whether ``value`` is what the .env file set for ``name`` (no option replaced it)."""
-    return name in env.from_file and env.get(name) == value
 
 
 def messages_for(args: argparse.Namespace) -> Iterator[Message]:

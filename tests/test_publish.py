@@ -165,6 +165,21 @@ def test_no_broker_at_the_dotenv_url_points_at_the_file(tmp_path: Path) -> None:
     assert "(RABBIT_URL from .env: edit or remove it" in done.stderr
     assert "s3cret" not in done.stderr
 
+    # The same URL given with --url: the file is not to blame.
+    url = (tmp_path / ".env").read_text().strip().partition("=")[2]
+    done = run_publish(cwd=tmp_path, url=url)
+    assert done.returncode == 1
+    assert "cannot connect to RabbitMQ" in done.stderr and ".env" not in done.stderr
+
+
+def test_every_url_that_failed_is_named(tmp_path: Path) -> None:
+    first, second = free_port(), free_port()
+    urls = f"amqp://guest:guest@127.0.0.1:{first}/,amqp://guest:guest@127.0.0.1:{second}/"
+    done = run_publish(cwd=tmp_path, url=urls)
+    assert done.returncode == 1
+    assert f"127.0.0.1:{first}/: [Errno 111] Connection refused; " in done.stderr
+    assert f"127.0.0.1:{second}/: [Errno 111] Connection refused" in done.stderr
+
 
 # --- against the broker ------------------------------------------------------------------------
 
