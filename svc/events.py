@@ -8,6 +8,7 @@ id (the original treated a missing id as ``""``, making every later id-less even
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,10 +70,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("a number too large for a 64-bit float")
+    return value
+
+
 # Note: Python's decoder takes NaN, Infinity and -Infinity, which JSON (RFC 8259) and Go's
-# decoder refuse; so does this one. Built once: json.loads with an option builds a decoder
-# per call.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+# decoder refuse, and turns 1e999 into infinity where Go refuses it; this one refuses them
+# all. Built once: json.loads with an option builds a decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _parse(body: bytes) -> Any:
@@ -89,7 +97,12 @@ def _outer_pairs(body: bytes) -> list[tuple[str, Any]]:
         outer_pairs[:] = pairs
         return dict(pairs)
 
-    json.loads(body, object_pairs_hook=keep_pairs, parse_constant=_refuse_constant)
+    json.loads(
+        body,
+        object_pairs_hook=keep_pairs,
+        parse_constant=_refuse_constant,
+        parse_float=_finite_float,
+    )
     return outer_pairs
 
 
