@@ -7,6 +7,7 @@ broker refuses our queues as declared. The daemon never exits on its own otherwi
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -22,6 +23,7 @@ from svc.config import (
     Settings,
     level_number,
     load_settings,
+    merged_environment,
     shown_default,
 )
 from svc.consumer import Consumer
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         load_handler_modules(settings.handler_modules)
     except ImportError as exc:
         given = ",".join(settings.handler_modules)
+        origin = merged_environment(os.environ, ".env").origin(HANDLER_MODULES)
         print(
-            f"svc: {HANDLER_MODULES}={given!r} is invalid: expected importable Python modules "
-            f"({exc})",
+            f"svc: {HANDLER_MODULES}={given!r}{origin} is invalid: expected importable Python "
+            f"modules ({exc})",
             file=sys.stderr,
         )
         return EXIT_CONFIG

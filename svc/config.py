@@ -183,6 +183,13 @@ def load_settings(
 ) -> Settings:
     """Read and validate every setting; raise ConfigError naming the first bad variable."""
     env = merged_environment(os.environ if environ is None else environ, dotenv_path)
+    try:
+        return _read_settings(env)
+    except ConfigError as exc:
+        raise ConfigError(env.blame(str(exc))) from None
+
+
+def _read_settings(env: Environment) -> Settings:
     etcd_endpoints = read(env, ETCD_ENDPOINTS, parse_endpoints)
     etcd_tls = read_tls_files(env, ETCD_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)
     etcd_user, etcd_password = read_etcd_credentials(env)
@@ -247,6 +254,15 @@ class Environment(dict[str, str]):
         """`` (from .env)`` for a variable read from the file, so an error points there."""
         return f" (from {self.path})" if name in self.from_file else ""
 
+    def blame(self, message: str) -> str:
+        """``message`` saying which of the variables it names came from the file, if any."""
+        if f"(from {self.path})" in message:
+            return message
+        # Names in the quoted values shown are not what the message is about.
+        outside_values = re.sub(r"'[^']*'|\"[^\"]*\"", "", message)
+        named = [n for n in sorted(self.from_file) if re.search(rf"\b{n}\b", outside_values)]
+        return f"{message} ({', '.join(named)} from {self.path})" if named else message
+
 
 def merged_environment(
     environ: Mapping[str, str], dotenv_path: str | os.PathLike[str]
@@ -268,7 +284,10 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         if name not in DEFAULTS:
-            raise ConfigError(_required(name, parse, "not set" if raw is None else "empty"))
+            state = "not set" if raw is None else "empty"
+            if isinstance(env, Environment):
+                state += env.origin(name)
+            raise ConfigError(_required(name, parse, state))
         raw = DEFAULTS[name]
     try:
         return parse(raw.strip())

@@ -117,6 +117,32 @@ def test_a_bad_value_from_dotenv_says_it_came_from_there(tmp_path: Path) -> None
         settings_from({"SERVICE_NAME": "orders", "PREFETCH": "lots"}, tmp_path, dotenv="PREFETCH=9\n")
 
 
+@pytest.mark.parametrize(
+    ("dotenv", "expected"),
+    [
+        ("RABBIT_CA_FILE=/no/such/ca.pem\n", r"^RABBIT_CA_FILE='/no/such/ca.pem' is invalid: .*"),
+        ("ETCD_USER=bob\n", r"^ETCD_USER is set but ETCD_PASSWORD is not: .*"),
+    ],
+)
+def test_errors_about_several_settings_say_which_came_from_dotenv(
+    tmp_path: Path, dotenv: str, expected: str
+) -> None:
+    name = dotenv.partition("=")[0]
+    with pytest.raises(ConfigError, match=expected + rf"\({name} from .*\.env\)$"):
+        settings_from({"SERVICE_NAME": "orders"}, tmp_path, dotenv=dotenv)
+
+
+def test_a_name_inside_a_value_shown_is_not_blamed_on_dotenv(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from({"SERVICE_NAME": "PREFETCH=x"}, tmp_path, dotenv="PREFETCH=9\n")
+    assert ".env" not in str(caught.value)
+
+
+def test_a_required_setting_left_empty_in_dotenv_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^SERVICE_NAME is required but empty \(from .*\.env\)"):
+        settings_from({}, tmp_path, dotenv="SERVICE_NAME=\n")
+
+
 def test_an_unparsable_dotenv_line_is_reported_with_the_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -94,7 +94,17 @@ def test_dotenv_in_working_dir_is_read(tmp_path: Path) -> None:
 
     done = run_svc_once(GOOD, cwd=tmp_path)
 
-    assert_one_line_error(done, "PREFETCH", "'0'")
+    line = assert_one_line_error(done, "PREFETCH", "'0'")
+    assert "PREFETCH='0' (from .env) is invalid" in line, line
+
+
+def test_a_handler_module_from_dotenv_that_does_not_import_says_so(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("HANDLER_MODULES=no_such_module_here\n")
+
+    done = run_svc_once(GOOD, cwd=tmp_path)
+
+    line = assert_one_line_error(done, "HANDLER_MODULES", "'no_such_module_here'")
+    assert "(from .env) is invalid" in line, line
 
 
 def test_real_environment_wins_over_dotenv_when_validating(tmp_path: Path) -> None:
