@@ -238,7 +238,8 @@ class _NameTheFile(logging.Filter):
         self.path = path
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = f"{record.msg} of {self.path}"
+        # The message is formatted later, with its arguments: a '%' in the path must stay one.
+        record.msg = f"{record.msg} of {self.path.replace('%', '%%')}"
         return True
 
 
