@@ -38,7 +38,12 @@ from svc.events import Event, InvalidEvent, decode
 from svc.faults import CrashPoint, HandledLog
 from svc.handlers import HANDLERS, Handler, run_handlers
 from svc.log_budget import LineBudget
-from svc.tls import broker_parameters, client_context, describe_handshake_error
+from svc.tls import (
+    broker_parameters,
+    client_context,
+    describe_connect_error,
+    describe_handshake_error,
+)
 
 if TYPE_CHECKING:
     from svc.config import Settings
@@ -138,7 +143,6 @@ class Consumer:
         self._held: list[HeldDelivery] = []
         self._unacked: set[int] = set()
         self._last_summary = time.monotonic()
-        self._next_summary = self._last_summary + settings.summary_interval_seconds
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
         # Records go out while the next batch is claimed, each on a thread of its own.
         self._store_thread = ThreadPoolExecutor(
@@ -275,7 +279,7 @@ class Consumer:
                 if "SSLError" in str(exc):  # the broker refused our certificate, or none
                     refusals.append(f"{redact_url(url)}: {describe_handshake_error(exc)}")
                 else:
-                    failures.append(f"{redact_url(url)}: {_root_cause(exc)}")
+                    failures.append(f"{redact_url(url)}: {describe_connect_error(exc)}")
                     login_refused |= isinstance(exc, pika.exceptions.ProbableAuthenticationError)
                 last_error = exc
         # The worst failure decides how run() logs it (and with which advice); the line names
@@ -704,11 +708,11 @@ class Consumer:
         that a quiet log means a stuck process, not an idle one.
         """
         now = time.monotonic()
-        if now < self._next_summary:
-            return
         interval = self.settings.summary_interval_seconds
-        elapsed, self._last_summary = now - self._last_summary, now
-        self._next_summary = now + interval
+        elapsed = now - self._last_summary
+        if elapsed < interval:
+            return
+        self._last_summary = now
         # The loop looks at the clock about twice a second: a line is due up to half a second
         # late. Past a second late (a retry wait, a long batch), it names the real span.
         span = interval if elapsed - interval < 1.0 else elapsed
@@ -879,22 +883,6 @@ def _safe(text: str, limit: int = 80) -> str:
 def _brief(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost reason of a connection failure: pika wraps the socket error, unnamed.
-
-    pika puts the error of a failed phase (TCP connect, TLS, AMQP handshake) in the
-    ``exception`` attribute of its wrapper, and the wrapper in the arguments of the error.
-    """
-    for _ in range(8):  # a few levels at most; never loop on a wrapper that holds itself
-        inner = getattr(exc, "exception", None)
-        if not isinstance(inner, BaseException):
-            inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
-        if inner is None or inner is exc:
-            break
-        exc = inner
-    return str(exc) or type(exc).__name__
 
 
 def _succeeded(future: Future[None] | None) -> bool:
