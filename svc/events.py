@@ -84,7 +84,7 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite
 
 
 def _parse(body: bytes) -> Any:
-    """json.loads(body), NaN and the infinities refused (UTF-16/32 and a BOM read as there)."""
+    """json.loads(body), refusing NaN, the infinities and numbers beyond a float's range."""
     return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 

@@ -91,7 +91,7 @@ def test_a_late_summary_names_the_span_it_covers(
     settings = load_settings(
         {"SERVICE_NAME": "span", "SUMMARY_INTERVAL": "20"}, dotenv_path=os.devnull
     )
-    consumer = Consumer(settings, DisabledStore(), Metrics("span", "no-such-host.invalid", 8125))
+    consumer = Consumer(settings, DisabledStore(), Metrics("span", "127.0.0.1", 8125))
     caplog.set_level(logging.INFO, logger="svc.consumer")
     for late in (0.6, 8.5, 5.2, 1.4, 0.0):
         clock[0] += 20 + late
